@@ -1,0 +1,99 @@
+"""Pure-JAX ragged paged attention: the oracle for the Pallas kernels and the CPU path of the engine.
+
+It walks the page tables in blocks of `block_pages` pages with an online softmax (float32), so memory stays
+O(T * block_pages * page_size) and work follows the longest live sequence, not the table width.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -1e30  # finite: block 0 always holds position 0, so every live row sees a real score first
+
+
+def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
+    """Per-token sequence id, absolute position and liveness of a flat ragged batch.
+
+    Returns seq_ids [T] int32, positions [T] int32 and live [T] bool (False for padding tokens).
+    """
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    num_seqs_max = kv_lens.shape[0]
+    seq_ids = jnp.searchsorted(cu_q_lens[1:], tok, side="right").astype(jnp.int32)
+    seq_ids = jnp.minimum(seq_ids, num_seqs_max - 1)
+    live = tok < cu_q_lens[num_seqs[0]]
+    q_start = cu_q_lens[seq_ids]
+    q_len = cu_q_lens[seq_ids + 1] - q_start
+    positions = kv_lens[seq_ids] - q_len + (tok - q_start)
+    return seq_ids, jnp.where(live, positions, -1), live
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,             # [T, num_q_heads, head_dim]
+    k_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]
+    v_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]
+    kv_lens: jax.Array,       # [S] int32
+    page_indices: jax.Array,  # [S, max_pages_per_seq] int32
+    cu_q_lens: jax.Array,     # [S + 1] int32
+    num_seqs: jax.Array,      # [1] int32
+    *,
+    sm_scale: float,
+    block_pages: int = 8,
+) -> jax.Array:               # [T, num_q_heads, head_dim]
+    """Causal attention of each new token over its sequence's paged K/V (see `ragged_paged_attention`)."""
+    q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    max_pages = page_indices.shape[1]
+    block_pages = min(block_pages, max_pages)
+    pad = (-max_pages) % block_pages
+    table = jnp.pad(page_indices, ((0, 0), (0, pad)))  # pad with the null page
+
+    seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    token_table = table[seq_ids]  # [T, padded_pages]
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
+    block_len = block_pages * page_size
+    live_seq = jnp.arange(kv_lens.shape[0]) < num_seqs[0]
+    max_kv = jnp.max(jnp.where(live_seq, kv_lens, 0))
+    num_blocks = (max_kv + block_len - 1) // block_len
+
+    def body(b, carry):
+        m, l, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(token_table, b * block_pages, block_pages, axis=1)  # [T, bp]
+        k = k_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).astype(jnp.float32)
+        v = v_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).astype(jnp.float32)
+        key_pos = b * block_len + jnp.arange(block_len)
+        mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [T, 1, 1, L]
+        s = jnp.einsum("tkgd,tlkd->tkgl", qg, k)
+        s = jnp.where(mask, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None]) * mask
+        alpha = jnp.exp(m - m_new)
+        l = alpha * l + p.sum(axis=-1)
+        acc = alpha[..., None] * acc + jnp.einsum("tkgl,tlkd->tkgd", p, v)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((num_tokens, num_kv_heads, group), _MASK_VALUE, jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    out = jnp.where(live[:, None, None, None], out, 0.0)
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def write_kv_pages(
+    k_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]
+    v_pages: jax.Array,       # same shape as k_pages
+    k: jax.Array,             # [T, num_kv_heads, head_dim]
+    v: jax.Array,             # [T, num_kv_heads, head_dim]
+    slot_mapping: jax.Array,  # [T] int32, page * page_size + offset; padding tokens point into page 0
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters the step's new K/V into their page slots; in place when the pool is donated."""
+    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
+    num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
+    flat = (num_pages * page_size, num_kv_heads, head_dim)
+    k_pages = k_pages.reshape(flat).at[slot_mapping].set(k.astype(k_pages.dtype)).reshape(k_pages.shape)
+    v_pages = v_pages.reshape(flat).at[slot_mapping].set(v.astype(v_pages.dtype)).reshape(v_pages.shape)
+    return k_pages, v_pages
