@@ -1,0 +1,70 @@
+"""Engine configuration: the `LLM(...)` / `jaxpaged serve` arguments, validated in one place."""
+
+import dataclasses
+
+ATTENTION_IMPLS = ("auto", "reference", "gpu", "tpu")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    """Everything the engine needs, with vLLM's names and defaults where vLLM has them.
+
+    `max_num_seqs` and `max_num_batched_tokens` default per backend (None): 256 / 8192 on GPU and TPU as in vLLM,
+    16 / 256 on CPU, where every compiled bucket costs seconds. `kv_cache_memory_bytes` sizes the page pool
+    directly; on CPU without it the pool holds `max_num_seqs` full-length sequences (capped at 1 GiB).
+    `attention_impl` picks the ragged paged attention kernel ("auto" follows the backend).
+    `compilation_cache_dir` is JAX's persistent compilation cache (None: ~/.cache/jaxpaged/xla).
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    seed: int = 0
+    load_format: str = "auto"
+    tensor_parallel_size: int = 1
+    attention_impl: str = "auto"
+    compilation_cache_dir: str | None = None
+    served_model_name: str | None = None
+    disable_log_stats: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.0 < self.gpu_memory_utilization <= 1.0,
+                     "(0, 1]")
+        _check_range("block_size", self.block_size, self.block_size in (8, 16, 32, 64, 128), "8, 16, 32, 64 or 128")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override",
+                     "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            _check_range(name, value, value is None or (isinstance(value, int) and value >= 1), "None or >= 1")
+        if self.num_gpu_blocks_override is not None:
+            _check_range("num_gpu_blocks_override", self.num_gpu_blocks_override, self.num_gpu_blocks_override >= 2,
+                         ">= 2 (page 0 is the reserved null page)")
+        _check_range("tensor_parallel_size", self.tensor_parallel_size, self.tensor_parallel_size == 1,
+                     "1 (tensor parallelism is not implemented yet)")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}.")
+
+
+def _check_range(name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def default_batch_limits(backend: str) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) defaults for a JAX backend."""
+    return (16, 256) if backend == "cpu" else (256, 8192)

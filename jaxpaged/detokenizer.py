@@ -1,0 +1,52 @@
+"""Incremental detokenization and stop-string handling for one sequence."""
+
+from tokenizers.decoders import DecodeStream
+
+_PROMPT_CONTEXT = 4  # prompt tokens fed first so that the first output token gets its leading space right
+
+
+class IncrementalDetokenizer:
+    """Appends generated tokens and keeps the output text, correct across multi-byte characters.
+
+    Uses the fast tokenizer's `DecodeStream` (bytes of a split character are held until complete). Stop strings
+    are searched only in the new text plus a tail of the old; the matched stop string is cut (or kept with
+    `include_stop_str_in_output`). While unfinished, the last `len(longest stop) - 1` characters are held back
+    from `text` so a stream never shows a prefix of a stop string that is later removed (as vLLM does).
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], *, skip_special_tokens: bool = True,
+                 stop: list[str] = (), include_stop_str_in_output: bool = False):
+        self._tokenizer = tokenizer._tokenizer  # tokenizers.Tokenizer behind a transformers fast tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token in prompt_token_ids[-_PROMPT_CONTEXT:]:
+            self._stream.step(self._tokenizer, token)
+        self._stop = list(stop)
+        self._include_stop = include_stop_str_in_output
+        self._holdback = max(map(len, self._stop), default=1) - 1
+        self.output_text = ""
+        self.finished = False
+
+    def append(self, token_id: int) -> str | None:
+        """Adds one token; returns the stop string it completed, if any (then the text is final)."""
+        chunk = self._stream.step(self._tokenizer, token_id)
+        if not chunk:
+            return None
+        start = max(0, len(self.output_text) - self._holdback)
+        self.output_text += chunk
+        found = [(at, stop) for stop in self._stop if (at := self.output_text.find(stop, start)) >= 0]
+        if not found:
+            return None
+        at, stop = min(found, key=lambda f: f[0])
+        self.output_text = self.output_text[: at + len(stop) if self._include_stop else at]
+        self.finished = True
+        return stop
+
+    @property
+    def text(self) -> str:
+        """Text safe to show now: all of it once finished, else without the possible stop-string prefix."""
+        if self.finished or not self._holdback:
+            return self.output_text
+        return self.output_text[: max(0, len(self.output_text) - self._holdback)]
+
+    def finish(self) -> None:
+        self.finished = True

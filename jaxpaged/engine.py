@@ -1,0 +1,281 @@
+"""LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run the jitted step -> update."""
+
+import dataclasses
+import itertools
+import logging
+import os
+import random
+
+import jax
+import numpy as np
+
+from jaxpaged.buckets import Buckets
+from jaxpaged.config import EngineArgs, default_batch_limits
+from jaxpaged.detokenizer import IncrementalDetokenizer
+from jaxpaged.kv_pool import device_kv_budget, num_pages_for, page_bytes
+from jaxpaged.metrics import Counter, EngineCounters, Gauge
+from jaxpaged.models import load_model
+from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxpaged.page_manager import PageManager
+from jaxpaged.request import Request, RequestStatus
+from jaxpaged.runner import HostSampling, ModelRunner, SeqSampling
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import Scheduler
+from jaxpaged.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+@dataclasses.dataclass(eq=False)
+class RequestGroup:
+    """A user request: `n` child sequences sharing one prompt (children share its full pages via prefix caching)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.children)
+
+    def to_output(self) -> RequestOutput:
+        outputs = []
+        want_logprobs = self.params.logprobs is not None
+        for i, (req, detok) in enumerate(zip(self.children, self.detokenizers)):
+            outputs.append(CompletionOutput(
+                index=i, text=detok.text, token_ids=list(req.output_token_ids),
+                cumulative_logprob=req.cumulative_logprob if want_logprobs else None,
+                logprobs=list(req.logprobs) if want_logprobs else None,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason))
+        cached = max(self.children[0].num_cached_tokens, 0)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, self.finished, cached)
+
+
+def _enable_compilation_cache(path: str | None) -> None:
+    path = path or os.environ.get("JAXPAGED_CACHE_DIR") or os.path.expanduser("~/.cache/jaxpaged/xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class LLMEngine:
+    """The synchronous engine behind `LLM` and the server. Not thread-safe: one thread drives it."""
+
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        _enable_compilation_cache(args.compilation_cache_dir)
+        self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed)
+        cfg = self.model.config
+        self.model_name = args.served_model_name or self.model.name
+        tokenizer_path = args.tokenizer or self.model.tokenizer_path
+        tokenizer_kwargs = {} if args.tokenizer else self.model.tokenizer_kwargs
+        self.tokenizer = load_tokenizer(tokenizer_path, **tokenizer_kwargs)
+        self.max_model_len = self._resolve_max_model_len(args.max_model_len, cfg.max_position_embeddings)
+        backend = jax.default_backend()
+        default_seqs, default_tokens = default_batch_limits(backend)
+        max_num_seqs = args.max_num_seqs or default_seqs
+        max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
+        buckets = Buckets(max_num_batched_tokens, max_num_seqs)
+        self.runner = ModelRunner(self.model, page_size=args.block_size, max_model_len=self.max_model_len,
+                                  buckets=buckets, attn_impl=args.attention_impl, kv_dtype=self.model.dtype)
+        per_page = page_bytes(cfg.num_hidden_layers, args.block_size, cfg.num_key_value_heads, cfg.head_dim,
+                              self.model.dtype)
+        num_pages = num_pages_for(
+            override=args.num_gpu_blocks_override, kv_bytes=args.kv_cache_memory_bytes, per_page=per_page,
+            backend=backend, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+            page_size=args.block_size,
+            device_budget=lambda: device_kv_budget(args.gpu_memory_utilization, self.runner.activation_bytes()))
+        self._check_pool(num_pages, args.block_size)
+        self.runner.allocate_kv_pool(num_pages)
+        self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens)
+        self.eos_token_ids = self._eos_token_ids()
+        self.groups: dict[str, RequestGroup] = {}
+        self.counters = EngineCounters()
+        self._rng = random.Random(args.seed)
+        self._ids = itertools.count()
+        self.runner.warm_up()
+
+    def _resolve_max_model_len(self, requested: int | None, model_max: int) -> int:
+        if requested is None:
+            return model_max
+        if requested > model_max:
+            raise ValueError(f"max_model_len={requested} is larger than the model's maximum context length "
+                             f"({model_max}, max_position_embeddings); use max_model_len <= {model_max}.")
+        return requested
+
+    def _check_pool(self, num_pages: int, page_size: int) -> None:
+        tokens = (num_pages - 1) * page_size
+        need = -(-self.max_model_len // page_size)
+        if need > num_pages - 1:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} needs {need} KV pages of {page_size} tokens but the pool holds "
+                f"only {num_pages - 1} ({tokens} tokens). Lower max_model_len to <= {tokens}, or give the pool more "
+                "memory (gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override).")
+        logger.info("KV cache: %d pages of %d tokens = %d tokens; maximum concurrency for %d tokens per request: "
+                    "%.2fx", num_pages - 1, page_size, tokens, self.max_model_len, tokens / self.max_model_len)
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = self.model.generation_config.get("eos_token_id")
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text, token ids, {"prompt": ...} or {"prompt_token_ids": ...}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raises ValueError for an empty prompt, token ids outside the vocabulary or a too-long prompt."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("The prompt is empty; give at least one token.")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (valid ids are 0..{vocab - 1}).")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has {n} "
+                "tokens, leaving no room for output. Please reduce the length of the prompt.")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Queues a request; raises ValueError (nothing queued) if it is invalid."""
+        params = (params or SamplingParams()).clone()
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        children, detoks = [], []
+        for i in range(params.n):
+            seed = (params.seed + i) if params.seed is not None else self._rng.getrandbits(32)
+            child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params,
+                            eos_token_ids=self.eos_token_ids)
+            child.seed = seed & 0xFFFFFFFF
+            children.append(child)
+            detoks.append(IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output))
+        group = RequestGroup(request_id, text, token_ids, params, children, detoks)
+        self.groups[request_id] = group
+        for child in children:
+            child.group = group
+            self.scheduler.add_request(child)
+        self.counters.prompt_tokens += len(token_ids)
+
+    def abort_request(self, request_ids) -> None:
+        """Stops requests wherever they are and frees their pages; unknown ids are ignored."""
+        for request_id in request_ids:
+            group = self.groups.pop(request_id, None)
+            for child in group.children if group else []:
+                if not child.finished:
+                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step and one device step; returns outputs of the requests that progressed."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        pages = [self.page_manager.pages_of(s.request.request_id) for s in sched.scheduled]
+        sampling = HostSampling([self._sampling_row(s.request) for s in sched.scheduled])
+        out = self.runner.execute(sched, pages, sampling)
+        self.scheduler.update_computed(sched)
+        touched: dict[str, RequestGroup] = {}
+        for i, s in enumerate(sched.scheduled):
+            if s.samples:
+                self._append_token(s.request, i, out)
+                touched[s.request.group.request_id] = s.request.group
+        outputs = []
+        for group in touched.values():
+            outputs.append(group.to_output())
+            if group.finished:
+                self.groups.pop(group.request_id, None)
+                self.counters.num_requests_finished += 1
+        return outputs
+
+    def _sampling_row(self, req: Request) -> SeqSampling:
+        p = req.sampling_params
+        banned = []
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids))
+        return SeqSampling(
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=req.seed,
+            position=len(req.output_token_ids), presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+            penalty_tokens=req.token_ids(0, req.num_tokens) if p.has_penalties else None,
+            num_prompt_tokens=req.num_prompt_tokens, banned_tokens=banned)
+
+    def _append_token(self, req: Request, row: int, out) -> None:
+        token = int(out.token_ids[row])
+        p = req.sampling_params
+        req.output_token_ids.append(token)
+        self.counters.generation_tokens += 1
+        if p.logprobs is not None:
+            req.cumulative_logprob += float(out.logprobs[row])
+            req.logprobs.append(self._logprob_dict(token, out, row, p.logprobs))
+        group = req.group
+        detok = group.detokenizers[group.children.index(req)]
+        stop_str = detok.append(token)
+        status = None
+        if stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif token in p.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif not p.ignore_eos and token in req.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        elif req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            detok.finish()
+            self.scheduler.finish(req, status)
+
+    def _logprob_dict(self, token: int, out, row: int, k: int) -> dict[int, Logprob]:
+        ids = [token] + [int(t) for t in out.top_ids[row, :k]]
+        lps = [float(out.logprobs[row])] + [float(x) for x in out.top_logprobs[row, :k]]
+        ranks = [int(out.ranks[row])] + list(range(1, k + 1))
+        texts = self.tokenizer.convert_ids_to_tokens(ids)
+        result = {}
+        for tid, lp, rank, text in zip(ids, lps, ranks, texts):
+            result.setdefault(tid, Logprob(lp, rank, text))
+        return result
+
+    # ---- metrics --------------------------------------------------------------------------------------------
+
+    def get_metrics(self) -> list[Gauge | Counter]:
+        """vLLM-named gauges and counters of the engine's state."""
+        stats = self.page_manager.stats
+        return [
+            Gauge("vllm:num_requests_running", len(self.scheduler.running)),
+            Gauge("vllm:num_requests_waiting", len(self.scheduler.waiting)),
+            Gauge("vllm:kv_cache_usage_perc", self.page_manager.usage),
+            Counter("vllm:num_preemptions", self.scheduler.num_preemptions),
+            Counter("vllm:prefix_cache_queries", stats.queries),
+            Counter("vllm:prefix_cache_hits", stats.hits),
+            Counter("vllm:prompt_tokens", self.counters.prompt_tokens),
+            Counter("vllm:generation_tokens", self.counters.generation_tokens),
+            Counter("vllm:request_success", self.counters.num_requests_finished),
+        ]

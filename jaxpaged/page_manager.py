@@ -1,0 +1,149 @@
+"""Paged KV pool bookkeeping: ref-counted pages, LRU free list, automatic prefix caching (as vLLM v1)."""
+
+import collections
+import dataclasses
+
+from jaxpaged.request import Request
+
+NULL_PAGE = 0
+
+
+@dataclasses.dataclass(slots=True)
+class PrefixCacheStats:
+    """Prompt tokens looked up in the prefix cache and those found (vLLM's prefix_cache_queries / hits)."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+class PageManager:
+    """Owns page ids 1..num_pages-1 (page 0 is the null page that padding points at).
+
+    A full page gets a hash chained from its predecessor's hash and its token ids; a later request whose prefix
+    hashes match reuses those pages (ref count + 1). Freed pages go to the tail of an LRU free list but keep their
+    hash, so they can still be hit; they are evicted lazily, when the head of the free list is handed out again.
+    Pages of a freed request are queued tail-first, so a prefix outlives its suffix.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {num_pages}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_pages
+        self.page_hash: list[int | None] = [None] * num_pages
+        self.cached: dict[int, int] = {}  # page hash -> page id
+        self.free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(1, num_pages))
+        self.req_pages: dict[str, list[int]] = {}
+        self._num_hashed: dict[str, int] = {}  # request id -> its leading pages already entered in `cached`
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable pages held by requests (vLLM's kv_cache_usage_perc, 0..1)."""
+        return 1.0 - len(self.free) / (self.num_pages - 1)
+
+    def pages_of(self, request_id: str) -> list[int]:
+        return self.req_pages.get(request_id, [])
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Page ids of the longest cached prefix of `req`, leaving at least one token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        max_pages = (req.num_tokens - 1) // self.page_size
+        self._ensure_hashes(req, max_pages)
+        hits = []
+        for page_hash in req.page_hashes[:max_pages]:
+            page = self.cached.get(page_hash)
+            if page is None:
+                break
+            hits.append(page)
+        self.stats.queries += req.num_tokens
+        self.stats.hits += len(hits) * self.page_size
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached_pages: list[int] = ()) -> bool:
+        """Gives `req` pages for `num_new_tokens` more tokens after its computed (and `cached_pages`) ones.
+
+        Returns False and changes nothing when the free list cannot cover it.
+        """
+        pages = self.req_pages.setdefault(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(cached_pages) * self.page_size
+        total = num_computed + num_new_tokens
+        num_needed = -(-total // self.page_size) - len(pages) - len(cached_pages)
+        num_revived = sum(1 for p in cached_pages if self.ref_counts[p] == 0)
+        if num_needed > len(self.free) - num_revived:
+            if not pages:
+                del self.req_pages[req.request_id]
+            return False
+        for page in cached_pages:
+            if self.ref_counts[page] == 0:
+                del self.free[page]
+            self.ref_counts[page] += 1
+        pages.extend(cached_pages)
+        for _ in range(max(num_needed, 0)):
+            pages.append(self._take_free_page())
+        self._cache_full_pages(req, pages, total // self.page_size)
+        return True
+
+    def free_request(self, request_id: str) -> None:
+        """Releases a finished or preempted request's pages (tail first into the LRU list)."""
+        self._num_hashed.pop(request_id, None)
+        for page in reversed(self.req_pages.pop(request_id, [])):
+            self.ref_counts[page] -= 1
+            if self.ref_counts[page] == 0:
+                self.free[page] = None
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached hash (pages in use keep their data)."""
+        self.cached.clear()
+        self.page_hash = [None] * self.num_pages
+        self._num_hashed = dict.fromkeys(self._num_hashed, 0)
+
+    def _take_free_page(self) -> int:
+        page, _ = self.free.popitem(last=False)
+        page_hash = self.page_hash[page]
+        if page_hash is not None:  # lazy eviction
+            if self.cached.get(page_hash) == page:
+                del self.cached[page_hash]
+            self.page_hash[page] = None
+        self.ref_counts[page] = 1
+        return page
+
+    def _cache_full_pages(self, req: Request, pages: list[int], num_full: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        start = self._num_hashed.get(req.request_id, 0)
+        self._ensure_hashes(req, num_full)
+        for i in range(start, num_full):
+            page_hash = req.page_hashes[i]
+            if page_hash not in self.cached and self.page_hash[pages[i]] is None:
+                self.cached[page_hash] = pages[i]
+                self.page_hash[pages[i]] = page_hash
+        self._num_hashed[req.request_id] = max(start, num_full)
+
+    def _ensure_hashes(self, req: Request, num_pages: int) -> None:
+        size = self.page_size
+        while len(req.page_hashes) < min(num_pages, req.num_tokens // size):
+            i = len(req.page_hashes)
+            parent = req.page_hashes[-1] if i else None
+            req.page_hashes.append(hash((parent, tuple(req.token_ids(i * size, (i + 1) * size)))))
+
+    def check_invariants(self) -> None:
+        """Asserts the pool's bookkeeping is consistent (used by tests)."""
+        owners = collections.Counter(p for pages in self.req_pages.values() for p in pages)
+        assert NULL_PAGE not in owners and NULL_PAGE not in self.free
+        for page in range(1, self.num_pages):
+            assert self.ref_counts[page] == owners[page], (page, self.ref_counts[page], owners[page])
+            assert (page in self.free) == (self.ref_counts[page] == 0), page
+        for pages in self.req_pages.values():
+            assert len(set(pages)) == len(pages), "a page appears twice in one request"
+        used = sum(1 for page in range(1, self.num_pages) if self.ref_counts[page] > 0)
+        assert used + len(self.free) == self.num_pages - 1
+        for page_hash, page in self.cached.items():
+            assert self.page_hash[page] == page_hash

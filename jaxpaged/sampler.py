@@ -1,0 +1,106 @@
+"""On-device sampling inside the jitted step: penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
+
+Only the sampled ids and their logprobs leave the device. Randomness is keyed per request and per output
+position (`fold_in(PRNGKey(seed), position)`), so a request samples the same tokens whatever batch it is in.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+MAX_LOGPROBS = 20  # top-k logprobs always computed; vLLM's default max_logprobs is 20
+_EPS = 1e-5
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingTensors:
+    """Per-sequence sampling parameters of a step, padded to the sequence bucket S."""
+
+    temperature: jax.Array         # [S] f32, 0 = greedy
+    top_p: jax.Array               # [S] f32
+    top_k: jax.Array               # [S] int32, 0 = off
+    min_p: jax.Array               # [S] f32
+    seeds: jax.Array               # [S] uint32
+    positions: jax.Array           # [S] int32  index of the token being sampled among the request's outputs
+    presence_penalty: jax.Array    # [S] f32
+    frequency_penalty: jax.Array   # [S] f32
+    repetition_penalty: jax.Array  # [S] f32
+    penalty_tokens: jax.Array      # [S, W] int32  prompt + output ids, -1 padded (W = 1 when no penalties)
+    num_prompt_tokens: jax.Array   # [S] int32  leading entries of penalty_tokens that are prompt
+    banned_tokens: jax.Array       # [S, K] int32  ids masked out (EOS before min_tokens), -1 padded
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerOutput:
+    token_ids: jax.Array    # [S] int32
+    logprobs: jax.Array     # [S] f32  raw logprob of the sampled token
+    ranks: jax.Array        # [S] int32  1 = most likely under the raw distribution
+    top_ids: jax.Array      # [S, MAX_LOGPROBS] int32
+    top_logprobs: jax.Array # [S, MAX_LOGPROBS] f32
+
+
+def sample(logits: jax.Array, t: SamplingTensors) -> SamplerOutput:
+    """Samples one token per row of `logits` [S, V] (float32)."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if t.penalty_tokens.shape[1] > 1:
+        logits = _apply_penalties(logits, t)
+    logits = _mask_tokens(logits, t.banned_tokens)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(t.temperature, _EPS)[:, None]
+    needs_filter = jnp.any((t.top_k > 0) | (t.top_p < 1.0) | (t.min_p > 0.0))
+    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, t)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(t.seeds, t.positions)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], jnp.float32))(keys)
+    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+    token_ids = jnp.where(t.temperature < _EPS, greedy, sampled).astype(jnp.int32)
+    lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    ranks = jnp.sum(raw_logprobs > lp[:, None], axis=-1).astype(jnp.int32) + 1
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)
+    return SamplerOutput(token_ids, lp, ranks, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _token_mask(ids: jax.Array, weights: jax.Array, vocab: int, op: str) -> jax.Array:
+    """[S, V] table built from ids [S, W] (-1 = none): counts (op="add") or presence (op="max") of `weights`."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    table = jnp.zeros((ids.shape[0], vocab), weights.dtype)
+    weights = jnp.where(ids >= 0, weights, 0)
+    at = table.at[rows, jnp.maximum(ids, 0)]
+    return at.add(weights) if op == "add" else at.max(weights)
+
+
+def _apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """vLLM's penalties: repetition over prompt + output tokens, presence / frequency over output tokens."""
+    vocab = logits.shape[1]
+    ids = t.penalty_tokens
+    is_output = (jnp.arange(ids.shape[1])[None, :] >= t.num_prompt_tokens[:, None]).astype(jnp.float32)
+    counts = _token_mask(ids, is_output, vocab, "add")  # [S, V] output counts
+    seen = _token_mask(ids, jnp.ones_like(is_output), vocab, "max") > 0
+    rp = t.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    logits = logits - t.frequency_penalty[:, None] * counts
+    return logits - t.presence_penalty[:, None] * (counts > 0)
+
+
+def _mask_tokens(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    mask = _token_mask(banned, jnp.ones(banned.shape, jnp.float32), logits.shape[1], "max") > 0
+    return jnp.where(mask, -jnp.inf, logits)
+
+
+def _filter(scaled: jax.Array, t: SamplingTensors) -> jax.Array:
+    """top-k, then top-p on the renormalised top-k distribution, then min-p; masked logits become -inf."""
+    vocab = scaled.shape[1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [S, V]
+    k = jnp.where(t.top_k > 0, jnp.minimum(t.top_k, vocab), vocab)
+    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+    sorted_desc = jnp.where(in_top_k, sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted token
+    keep = in_top_k & (before < t.top_p[:, None])
+    keep = keep.at[:, 0].set(True)
+    keep &= probs >= t.min_p[:, None] * probs[:, :1]
+    num_keep = jnp.sum(keep, axis=-1)
+    threshold = jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)

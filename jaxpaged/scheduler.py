@@ -1,0 +1,124 @@
+"""Continuous batching with chunked prefill and preemption by recompute (vLLM v1's single scheduling model)."""
+
+import collections
+import dataclasses
+import logging
+
+from jaxpaged.page_manager import PageManager
+from jaxpaged.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: `num_new_tokens` tokens from `num_computed_tokens` on."""
+
+    request: Request
+    num_computed_tokens: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last token, so the step samples its next one."""
+        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass(slots=True)
+class SchedulerOutput:
+    """What one step computes, in batch order (running requests first, then newly admitted ones)."""
+
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Spends one token budget per step over running requests (decodes and unfinished prefills), then waiting ones.
+
+    When the page manager cannot grow a running request, the most recently admitted running request is preempted:
+    its pages are freed, its progress reset, and it goes back to the head of the waiting queue.
+    """
+
+    def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pages = page_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.pages.allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+        if not preempted:
+            budget = self._admit_waiting(scheduled, budget)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits = self.pages.find_cached_prefix(req)
+            num_computed = len(hits) * self.pages.page_size
+            num_new = min(req.num_tokens - num_computed, budget)
+            if not self.pages.allocate(req, num_new, hits):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(ScheduledRequest(req, num_computed, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, req: Request) -> None:
+        self.pages.free_request(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.warning(
+            "Preempted request %s (recompute of %d tokens); the KV pool is too small for this load: raise "
+            "gpu_memory_utilization / kv_cache_memory_bytes or lower max_num_seqs.", req.request_id, req.num_tokens)
+
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """Marks the scheduled tokens as computed after the device step."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens = s.num_computed_tokens + s.num_new_tokens
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Ends a request (stop, length or abort), freeing its pages wherever it is."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif not req.finished and req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.pages.free_request(req.request_id)

@@ -1,0 +1,42 @@
+"""Tokenizer loading: a HF tokenizer directory, or the tokenizer embedded in a GGUF file (without torch)."""
+
+import os
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+_GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                 "pad_token": "padding_token_id"}
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, **kwargs):
+    """A transformers fast tokenizer for `path` (a directory or hub-style folder), or for `path/gguf_file`.
+
+    transformers' own `gguf_file=` route imports torch; this reads the GGUF metadata with the `gguf` package and
+    builds the same fast tokenizer through transformers' torch-free converter.
+    """
+    if gguf_file is None and str(path).endswith(".gguf"):
+        path, gguf_file = os.path.split(path)
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    return _tokenizer_from_gguf(os.path.join(path, gguf_file))
+
+
+def _tokenizer_from_gguf(gguf_path: str) -> PreTrainedTokenizerFast:
+    from gguf import GGUFReader
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    reader = GGUFReader(gguf_path)
+    metadata = {name: field.contents() for name, field in reader.fields.items() if name.startswith(("tokenizer.",
+                                                                                                    "general.arch"))}
+    grouped = {
+        group: {new: metadata[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)
+    for name, key in _GGUF_SPECIAL.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
