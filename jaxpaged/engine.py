@@ -18,7 +18,8 @@ from jaxpaged.models import load_model
 from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request, RequestStatus
-from jaxpaged.runner import HostSampling, ModelRunner, SeqSampling
+from jaxpaged.runner import ModelRunner
+from jaxpaged.sampling_batch import HostSampling, SeqSampling
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler
 from jaxpaged.tokenizer import load_tokenizer

@@ -58,7 +58,7 @@ def sample(logits: jax.Array, t: SamplingTensors) -> SamplerOutput:
     token_ids = jnp.where(t.temperature < _EPS, greedy, sampled).astype(jnp.int32)
     lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
     ranks = jnp.sum(raw_logprobs > lp[:, None], axis=-1).astype(jnp.int32) + 1
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, logits.shape[1]))
     return SamplerOutput(token_ids, lp, ranks, top_ids.astype(jnp.int32), top_logprobs)
 
 
