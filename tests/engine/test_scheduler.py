@@ -1,5 +1,8 @@
 """Scheduler behaviour without a model: budgets, chunked prefill, preemption order and resumption."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampling_params import SamplingParams
@@ -80,3 +83,34 @@ def test_waiting_requests_hit_prefix_pages_of_running_ones():
     assert plan(out)[-1] == ("b", 12, 2)
     assert b.num_cached_tokens == 12
     assert s.pages.pages_of("b")[:3] == s.pages.pages_of("a")[:3]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 30),
+                          st.integers(1, 6)), max_size=60),
+       st.booleans())
+def test_random_add_abort_step_keeps_page_invariants(ops, caching):
+    s = make(num_pages=12, page_size=4, max_seqs=3, budget=16, caching=caching)
+    reqs = []
+    for i, (op, n, k) in enumerate(ops):
+        if op == "add" and n < 40:
+            reqs.append(add(s, f"r{i}", n, max_tokens=k, base=(n % 3) * 100))  # repeated prefixes
+        elif op == "abort" and reqs:
+            victim = reqs[n % len(reqs)]
+            if not victim.finished:
+                s.finish(victim, RequestStatus.FINISHED_ABORTED)
+        else:
+            step(s)
+        s.pages.check_invariants()
+        assert all(r.status is RequestStatus.RUNNING for r in s.running)
+        assert len(s.running) <= 3
+    for _ in range(400):
+        if not s.num_unfinished:
+            break
+        step(s)
+        s.pages.check_invariants()
+    assert s.num_unfinished == 0
+    assert s.pages.usage == 0.0
+    for r in reqs:
+        if r.status is RequestStatus.FINISHED_LENGTH:
+            assert len(r.output_token_ids) == r.sampling_params.max_tokens
