@@ -1,0 +1,152 @@
+"""End-to-end `LLM` on the embedded SmolLM2-135M-Instruct (fp32, CPU): outputs, parameters, errors, metrics."""
+
+import json
+import os
+
+import pytest
+
+from jaxpaged import LLM, SamplingParams
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_greedy.json")
+ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(**ENGINE_KW)
+
+
+def metrics(llm):
+    return {m.name: m.value for m in llm.get_metrics()}
+
+
+def test_capital_of_france_reads_sensibly(llm):
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+    assert out[0].outputs[0].finish_reason in ("length", "stop")
+
+
+def test_chat_answers_with_paris(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+
+
+@pytest.mark.skipif(not os.path.exists(FIXTURE), reason="HF greedy fixture not generated")
+def test_greedy_tokens_match_transformers_on_same_gguf(llm):
+    with open(FIXTURE) as f:
+        cases = json.load(f)["cases"]
+    prompts = [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases]
+    params = SamplingParams(temperature=0, max_tokens=len(cases[0]["hf_token_ids"]), ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for case, out in zip(cases, outs):
+        assert out.outputs[0].token_ids == case["hf_token_ids"], case.get("prompt")
+
+
+def test_outputs_come_back_in_input_order_with_vllm_fields(llm):
+    prompts = ["1, 2, 3, 4,", "The capital of France is", {"prompt_token_ids": [504, 3575, 282]}]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["1, 2, 3, 4,", "The capital of France is", None]
+    assert outs[2].prompt_token_ids == [504, 3575, 282]
+    for o in outs:
+        c = o.outputs[0]
+        assert o.finished and c.index == 0 and len(c.token_ids) == 5 and c.finish_reason == "length"
+        assert c.text == llm.get_tokenizer().decode(c.token_ids, skip_special_tokens=True)
+        assert c.logprobs is None and c.cumulative_logprob is None
+
+
+def test_stop_string_and_stop_token_ids(llm):
+    base = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert base.text.startswith(" 5, 6")
+    out = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=8, stop=[" 6"]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == " 5," and out.finish_reason == "stop" and out.stop_reason == " 6"
+    stop_id = base.token_ids[1]
+    out = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base.token_ids[:2] and out.stop_reason == stop_id
+
+
+def test_seeded_sampling_is_reproducible_and_n_completions_differ(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=10, seed=1234, n=3)
+    a = llm.generate("Once upon a time", p, use_tqdm=False)[0]
+    b = llm.generate("Once upon a time", p, use_tqdm=False)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+
+
+def test_logprobs_hold_sampled_token_and_top_k(llm):
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=3),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for token, lps in zip(out.token_ids, out.logprobs):
+        assert token in lps and lps[token].rank == 1  # greedy picks the top token
+        assert 3 <= len(lps) <= 4
+        assert all(lp.logprob <= 0 for lp in lps.values())
+    assert out.cumulative_logprob == pytest.approx(sum(d[t].logprob for t, d in zip(out.token_ids, out.logprobs)))
+
+
+def test_min_tokens_suppresses_eos(llm):
+    eos = llm.get_tokenizer().eos_token_id
+    out = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=20, min_tokens=20, stop_token_ids=[eos]),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 20 and eos not in out.token_ids
+
+
+def test_prompt_prefix_is_served_from_cache(llm):
+    prompt = "Write a long story about a dragon who learns to bake bread in a small village. " * 3
+    before = metrics(llm)["vllm:prefix_cache_hits"]
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    n = len(out.prompt_token_ids)
+    assert out.num_cached_tokens == (n - 1) // 16 * 16
+    assert metrics(llm)["vllm:prefix_cache_hits"] - before >= out.num_cached_tokens
+
+
+def test_invalid_arguments_raise_value_errors_naming_them(llm):
+    for kwargs, word in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
+                         ({"max_tokens": 0}, "max_tokens")]:
+        with pytest.raises(ValueError, match=word):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="maximum context length is 512"):
+        llm.generate([{"prompt_token_ids": [1] * 600}], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 1: .*out of vocabulary"):
+        llm.generate(["fine", {"prompt_token_ids": [10**7]}], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    m = metrics(llm)
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_max_model_len_that_cannot_fit_the_pool_is_rejected():
+    with pytest.raises(ValueError, match="max_model_len=512 needs 32 KV pages"):
+        LLM(**{**ENGINE_KW, "num_gpu_blocks_override": 10})
+
+
+def test_no_compilation_after_warm_up_in_200_random_steps(llm):
+    import random
+
+    import jax
+
+    engine = llm.llm_engine
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    cache_size = engine.runner.step_fn._cache_size()
+    rng = random.Random(0)
+    words = "the of and a to in is you that it he was for on are as with his they I at be this have from".split()
+    for i in range(200):
+        if len(engine.groups) < 10 and rng.random() < 0.5:
+            prompt = " ".join(rng.choices(words, k=rng.randint(1, 90)))
+            params = SamplingParams(temperature=rng.choice([0.0, 0.8]), top_p=rng.choice([1.0, 0.9]),
+                                    top_k=rng.choice([0, 20]), max_tokens=rng.randint(1, 24), n=rng.choice([1, 2]))
+            engine.add_request(f"rand-{i}", prompt, params)
+        if engine.groups and rng.random() < 0.05:
+            engine.abort_request([rng.choice(list(engine.groups))])
+        engine.step()
+        engine.page_manager.check_invariants()
+    engine.abort_request(list(engine.groups))
+    assert engine.runner.step_fn._cache_size() == cache_size
+    assert compiles == []
+    assert metrics(llm)["vllm:kv_cache_usage_perc"] == 0
