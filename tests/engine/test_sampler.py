@@ -1,5 +1,6 @@
 """On-device sampler: greedy, filters, penalties, banned tokens, logprobs and per-request determinism."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,9 +16,12 @@ def row(**kw):
     return SeqSampling(**base)
 
 
+_sample = jax.jit(sample)
+
+
 def run(logits, rows):
     st = HostSampling(rows).to_tensors(len(rows))
-    return sample(jnp.asarray(logits, jnp.float32), st)
+    return _sample(jnp.asarray(logits, jnp.float32), st)
 
 
 LOGITS = np.log(np.array([[0.1, 0.2, 0.3, 0.4]] * 2))
