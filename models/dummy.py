@@ -1,0 +1,26 @@
+"""Random weights of the right shapes (`load_format="dummy"`), for benchmarks and tests."""
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.weights import param_shapes
+
+
+def dummy_params(cfg: ModelConfig, dtype, seed: int) -> dict:
+    """Normal(0, 0.02) matrices and ones for norm weights, generated on device leaf by leaf, same per seed."""
+    shapes = param_shapes(cfg, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    key = jax.random.key(seed)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        if path[-1].key == "weight":  # RMSNorm
+            out.append(jnp.ones(leaf.shape, dtype))
+        else:
+            out.append(_normal(jax.random.fold_in(key, i), leaf.shape, dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@jax.jit(static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

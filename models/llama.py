@@ -1,0 +1,115 @@
+"""Flax Llama family decoder (Llama 2/3/3.1/3.2, Qwen2-style q/k/v bias) over a paged KV pool.
+
+One call runs a flat ragged batch: T new tokens of several sequences; every layer writes its new K/V into the pages
+(`write_kv_pages`) and then attends through `ragged_paged_attention`. Norms, softmax and rotary run in float32.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.kernels import ragged_paged_attention, write_kv_pages
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.metadata import AttentionMetadata
+from jaxpaged.models.rope import apply_rope, rope_cos_sin
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages) [num_pages, page_size, kv_heads, head_dim]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * x32.astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype, bias: bool = False) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attn_impl: str
+
+    @nn.compact
+    def __call__(self, x, md: AttentionMetadata, kv: tuple[jax.Array, jax.Array], cos, sin):
+        c, t = self.cfg, x.shape[0]
+        q = _dense(c.num_attention_heads * c.head_dim, "q_proj", self.dtype, c.attention_bias)(x)
+        k = _dense(c.num_key_value_heads * c.head_dim, "k_proj", self.dtype, c.attention_bias)(x)
+        v = _dense(c.num_key_value_heads * c.head_dim, "v_proj", self.dtype, c.attention_bias)(x)
+        q = apply_rope(q.reshape(t, c.num_attention_heads, c.head_dim), cos, sin)  # [T, H, D]
+        k = apply_rope(k.reshape(t, c.num_key_value_heads, c.head_dim), cos, sin)  # [T, KVH, D]
+        v = v.reshape(t, c.num_key_value_heads, c.head_dim)
+        k_pages, v_pages = write_kv_pages(kv[0], kv[1], k, v, md.slot_mapping)
+        out = ragged_paged_attention(q, k_pages, v_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+                                     sm_scale=c.head_dim ** -0.5, impl=self.attn_impl)  # [T, H, D]
+        out = _dense(c.hidden_size, "o_proj", self.dtype)(out.reshape(t, -1))
+        return out, (k_pages, v_pages)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        gate = _dense(c.intermediate_size, "gate_proj", self.dtype)(x)
+        up = _dense(c.intermediate_size, "up_proj", self.dtype)(x)
+        return _dense(c.hidden_size, "down_proj", self.dtype)(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attn_impl: str
+
+    @nn.compact
+    def __call__(self, x, md, kv, cos, sin):
+        c = self.cfg
+        with jax.named_scope("attention"):
+            h, kv = Attention(c, self.dtype, self.attn_impl, name="self_attn")(
+                RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), md, kv, cos, sin)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        return x, kv
+
+
+class LlamaModel(nn.Module):
+    """token ids [T] -> final hidden states [T, hidden] (after the last norm) and the updated KV pool."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attn_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, token_ids: jax.Array, md: AttentionMetadata, kv_caches: KVCache):
+        c = self.cfg
+        x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                     name="embed_tokens")(token_ids)  # [T, hidden]
+        cos, sin = rope_cos_sin(c, md.positions)
+        new_caches = []
+        for i, kv in enumerate(kv_caches):
+            with jax.named_scope(f"layer_{i}"):
+                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, name=f"layers_{i}")(x, md, kv, cos, sin)
+            new_caches.append(kv)
+        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x), new_caches
+
+
+def compute_logits(cfg: ModelConfig, params, hidden: jax.Array) -> jax.Array:
+    """[N, hidden] -> [N, vocab] float32 through the LM head (the embedding when tied).
+
+    params: {"model": LlamaModel params, "lm_head": {"kernel": [hidden, vocab]} (empty when tied)}.
+    """
+    if cfg.tie_word_embeddings:
+        weight = params["model"]["embed_tokens"]["embedding"].T
+    else:
+        weight = params["lm_head"]["kernel"]
+    return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)

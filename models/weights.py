@@ -1,0 +1,78 @@
+"""HF tensor names -> LoadedModel params, and the expected parameter shapes of a config."""
+
+import re
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.llama import LlamaModel
+from jaxpaged.models.metadata import AttentionMetadata
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+_NORM = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+
+
+def param_shapes(cfg: ModelConfig, dtype) -> dict:
+    """The params pytree of `cfg` as ShapeDtypeStructs (nothing is materialised)."""
+    kv = [(jax.ShapeDtypeStruct((2, 1, cfg.num_key_value_heads, cfg.head_dim), dtype),) * 2] * cfg.num_hidden_layers
+    md = AttentionMetadata(*(jax.ShapeDtypeStruct(s, jnp.int32) for s in [(1,), (1,), (1,), (1, 1), (2,), (1,)]))
+    tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
+    init = LlamaModel(cfg, dtype, "reference").init
+    variables = jax.eval_shape(lambda t, m, k: init(jax.random.key(0), t, m, k), tokens, md, kv)
+    head = {} if cfg.tie_word_embeddings else {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size),
+                                                                               dtype)}
+    return {"model": variables["params"], "lm_head": head}
+
+
+def _path(name: str) -> tuple[tuple[str, ...], bool]:
+    """Our params path of a HF tensor name, and whether the array must be transposed ([out, in] -> [in, out])."""
+    if name == "model.embed_tokens.weight":
+        return ("model", "embed_tokens", "embedding"), False
+    if name == "model.norm.weight":
+        return ("model", "norm", "weight"), False
+    if name == "lm_head.weight":
+        return ("lm_head", "kernel"), True
+    if m := _NORM.match(name):
+        return ("model", f"layers_{m[1]}", m[2], "weight"), False
+    if m := _LAYER.match(name):
+        leaf = "kernel" if m[4] == "weight" else "bias"
+        return ("model", f"layers_{m[1]}", m[2], m[3], leaf), leaf == "kernel"
+    raise KeyError(name)
+
+
+def build_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype, source: str) -> dict:
+    """Places HF-named numpy tensors into the params pytree (cast to `dtype`), checking names and shapes."""
+    expected = param_shapes(cfg, dtype)
+    params: dict = {"model": {}, "lm_head": {}}
+    for name, array in tensors:
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        try:
+            path, transpose = _path(name)
+        except KeyError:
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a Llama-family model") from None
+        want = _lookup(expected, path)
+        array = array.T if transpose else array
+        if want is None or tuple(array.shape) != tuple(want.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected "
+                             f"{None if want is None else tuple(want.shape)} for this config")
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(array, dtype=dtype)
+    paths = [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
+    missing = [".".join(p) for p in paths if _lookup(params, p) is None]
+    if missing:
+        raise ValueError(f"{source}: missing weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return params
+
+
+def _lookup(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
