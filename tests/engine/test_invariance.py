@@ -5,14 +5,15 @@ import pytest
 from jaxpaged import LLM, SamplingParams
 
 KW = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, seed=0)
-PROMPTS = [
+PREFIX = "You are a helpful assistant. Answer briefly, precisely and truthfully, in plain English.\n"
+PROMPTS = [PREFIX + p for p in [  # the shared prefix fills a whole page: later prompts hit it
     "The capital of France is",
     "Write a haiku about the sea.",
     "1, 2, 3, 4,",
-    "The capital of France is a city that",  # shares a prefix with the first
+    "The capital of France is a city that",
     "def fibonacci(n):",
     "Water boils at",
-]
+]]
 PARAMS = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
