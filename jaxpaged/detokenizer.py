@@ -50,3 +50,22 @@ class IncrementalDetokenizer:
 
     def finish(self) -> None:
         self.finished = True
+
+
+class NoTextDetokenizer:
+    """Stands in when the model has no tokenizer: outputs carry token ids and empty text."""
+
+    text = output_text = ""
+
+    def append(self, token_id: int) -> None:
+        return None
+
+    def finish(self) -> None:
+        pass
+
+
+def make_detokenizer(tokenizer, prompt_token_ids: list[int], **kwargs):
+    """An IncrementalDetokenizer, or a NoTextDetokenizer when `tokenizer` is None."""
+    if tokenizer is None:
+        return NoTextDetokenizer()
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids, **kwargs)

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
-from jaxpaged.detokenizer import IncrementalDetokenizer
+from jaxpaged.detokenizer import IncrementalDetokenizer, make_detokenizer
 from jaxpaged.kv_pool import device_kv_budget, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
@@ -74,7 +74,8 @@ class LLMEngine:
         self.model_name = args.served_model_name or self.model.name
         tokenizer_path = args.tokenizer or self.model.tokenizer_path
         tokenizer_kwargs = {} if args.tokenizer else self.model.tokenizer_kwargs
-        self.tokenizer = load_tokenizer(tokenizer_path, **tokenizer_kwargs)
+        # A shape-only dummy config has no tokenizer: prompts are then token ids and outputs carry no text.
+        self.tokenizer = load_tokenizer(tokenizer_path, **tokenizer_kwargs) if tokenizer_path else None
         self.max_model_len = self._resolve_max_model_len(args.max_model_len, cfg.max_position_embeddings)
         backend = jax.default_backend()
         default_seqs, default_tokens = default_batch_limits(backend)
@@ -123,7 +124,7 @@ class LLMEngine:
     def _eos_token_ids(self) -> frozenset[int]:
         ids = self.model.generation_config.get("eos_token_id")
         ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 
@@ -138,6 +139,9 @@ class LLMEngine:
                 raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_name} has no tokenizer: give prompts as token ids "
+                                 "({'prompt_token_ids': [...]}) or pass tokenizer=...")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
             return None, [int(t) for t in prompt]
@@ -171,7 +175,7 @@ class LLMEngine:
                             eos_token_ids=self.eos_token_ids)
             child.seed = seed & 0xFFFFFFFF
             children.append(child)
-            detoks.append(IncrementalDetokenizer(
+            detoks.append(make_detokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output))
         group = RequestGroup(request_id, text, token_ids, params, children, detoks)
@@ -258,7 +262,7 @@ class LLMEngine:
         ids = [token] + [int(t) for t in out.top_ids[row, :k]]
         lps = [float(out.logprobs[row])] + [float(x) for x in out.top_logprobs[row, :k]]
         ranks = [int(out.ranks[row])] + list(range(1, k + 1))
-        texts = self.tokenizer.convert_ids_to_tokens(ids)
+        texts = self.tokenizer.convert_ids_to_tokens(ids) if self.tokenizer else [None] * len(ids)
         result = {}
         for tid, lp, rank, text in zip(ids, lps, ranks, texts):
             result.setdefault(tid, Logprob(lp, rank, text))
