@@ -9,9 +9,13 @@ same config and device (torch, batch of all prompts padded, same lengths) measur
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
+
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 
 def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -33,6 +34,8 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before JAX starts: let it take most of an accelerator, as vLLM does (gpu_memory_utilization plans within it).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     parser = argparse.ArgumentParser(prog="jaxpaged", description="PagedAttention LLM engine on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="answer prompts (chat template unless --raw) and print the replies")

@@ -1,7 +1,6 @@
 """How many KV pages fit: from an override, a byte budget, or free device memory (vLLM's profiling)."""
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -17,21 +16,20 @@ def page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int
 
 
 def device_kv_budget(gpu_memory_utilization: float, activation_bytes: int) -> int:
-    """Bytes left for the pool on an accelerator: utilization x device memory - what is in use - activations.
+    """Bytes left for the pool on an accelerator: utilization x JAX's memory limit - weights - activations.
 
-    JAX's allocator limit is XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the device; the total is derived
-    from it so that `gpu_memory_utilization` means a fraction of the whole device as in vLLM.
+    JAX may use XLA_PYTHON_CLIENT_MEM_FRACTION of the device (default 0.75; the `jaxpaged` CLI sets 0.95 when
+    unset); `gpu_memory_utilization` is the share of that the engine plans for, the rest stays free for XLA's
+    autotuning and workspace.
     """
     stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 0)
     if not limit:
         raise RuntimeError("cannot read device memory; set num_gpu_blocks_override or kv_cache_memory_bytes")
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
-    total = limit / fraction
     in_use = stats.get("bytes_in_use", 0)
-    budget = min(total * gpu_memory_utilization, limit) - in_use - activation_bytes
-    logger.info("Device memory: %.2f GiB total, %.2f GiB in use (weights), %.2f GiB activation peak.",
-                total / 2**30, in_use / 2**30, activation_bytes / 2**30)
+    budget = limit * gpu_memory_utilization - in_use - activation_bytes
+    logger.info("Device memory for JAX: %.2f GiB; weights %.2f GiB; activation peak %.2f GiB; KV pool %.2f GiB.",
+                limit / 2**30, in_use / 2**30, activation_bytes / 2**30, max(budget, 0) / 2**30)
     return int(budget)
 
 
