@@ -1,10 +1,11 @@
 """Offline throughput (vLLM's `benchmarks/throughput.py` convention): N requests of fixed input/output lengths.
 
     python benchmarks/throughput.py --model llama-3.2-1b --load-format dummy --num-prompts 256 \
-        --input-len 256 --output-len 128 [--hf-baseline]
+        --input-len 256 --output-len 128 [--engine hf]
 
-Prints requests/s and output tokens/s for jaxpaged and, with --hf-baseline, for HF transformers `generate` on the
-same config and device (torch, batch of all prompts padded, same lengths) measured in the same run.
+Prints one JSON line: requests/s and output tokens/s of jaxpaged or (--engine hf) of HF transformers `generate`
+on the same config and device (torch, batches of --hf-batch-size, same lengths). Run both in one device command,
+one process each (JAX and torch would fight over device memory), and report the ratio.
 """
 
 import argparse
@@ -46,10 +47,10 @@ def run_hf(args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from jaxpaged.models import load_model
+    from jaxpaged.models import ModelConfig
+    from jaxpaged.models.loader import shipped_config
 
-    config_path = load_model(args.model, load_format="dummy", dtype="bfloat16").config
-    hf_config = AutoConfig.for_model("llama", **_hf_fields(config_path))
+    hf_config = AutoConfig.for_model("llama", **_hf_fields(ModelConfig.from_hf(shipped_config(args.model))))
     model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.bfloat16).cuda().eval()
     prompts = torch.tensor(_prompts(args.num_prompts, args.input_len, hf_config.vocab_size, 0), device="cuda")
     total = 0
@@ -90,15 +91,11 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--attention-impl", default="auto")
-    p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--engine", choices=("jaxpaged", "hf"), default="jaxpaged")
     p.add_argument("--hf-batch-size", type=int, default=64)
     args = p.parse_args()
-    results = [run_jaxpaged(args)]
-    if args.hf_baseline:
-        results.append(run_hf(args))
-        results.append({"ratio_output_tokens_per_s": results[0]["output_tokens_per_s"]
-                        / results[1]["output_tokens_per_s"]})
-    print(json.dumps({"args": vars(args), "results": results}, indent=1))
+    result = run_jaxpaged(args) if args.engine == "jaxpaged" else run_hf(args)
+    print(json.dumps({**result, "args": vars(args)}))
 
 
 if __name__ == "__main__":

@@ -99,10 +99,15 @@ def embedded_model_path_or_none() -> str | None:
         return None
 
 
+def shipped_config(name: str) -> dict:
+    """The HF config dict of a shipped shape-only config (see SHIPPED_CONFIGS)."""
+    return read_json(str(importlib.resources.files("jaxpaged.models") / "configs" / f"{name}.json"),
+                     f"one of the shipped configs {', '.join(SHIPPED_CONFIGS)}")
+
+
 def _load_dummy(model: str, dtype: str, seed: int, overrides: dict | None) -> LoadedModel:
     if model in SHIPPED_CONFIGS:
-        raw = read_json(str(importlib.resources.files("jaxpaged.models") / "configs" / f"{model}.json"),
-                        "a shipped config")
+        raw = shipped_config(model)
         tokenizer = None
     elif model.endswith(".gguf"):
         cfg, generation = gguf_config(open_gguf(model), model)

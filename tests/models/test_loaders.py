@@ -1,6 +1,5 @@
 """Loaders: GGUF dequantisation and Q/K un-permutation, the GGUF tokenizer, dummy configs, clear errors."""
 
-import importlib.resources
 import json
 import os
 
@@ -10,7 +9,7 @@ import pytest
 
 from jaxpaged.models import SHIPPED_CONFIGS, ModelConfig, load_model
 from jaxpaged.models.gguf_loader import permute_rows, unpermute_rows
-from jaxpaged.models.safetensors_loader import read_json
+from jaxpaged.models.loader import shipped_config
 from jaxpaged.models.weights import param_shapes
 from tests.models.paged import PagedSequence
 
@@ -106,8 +105,7 @@ def test_embedded_model_greedy_matches_transformers_through_model_forward():
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_shipped_configs_have_expected_shapes_without_materialising(name):
-    raw = read_json(str(importlib.resources.files("jaxpaged.models") / "configs" / f"{name}.json"), "config")
-    cfg = ModelConfig.from_hf(raw)
+    cfg = ModelConfig.from_hf(shipped_config(name))
     shapes = param_shapes(cfg, np.float32)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     expected = {"llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9}[name]
