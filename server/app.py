@@ -48,7 +48,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         message = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
                             for e in exc.errors()) or "invalid request"
-        return _error(400, message, "BadRequestError", ".".join(loc) or None)
+        return _error(400, message, "BadRequestError", loc[0] if loc else None)  # the top-level field
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
