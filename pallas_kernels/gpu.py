@@ -26,7 +26,7 @@ _MASK_VALUE = -1e30
 
 
 def _kernel(seq_ref, start_ref, count_ref, kv_lens_ref, cu_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, *,
-            block_q: int, group: int, pages_per_block: int, sm_scale: float):
+            block_q: int, group: int, pages_per_block: int, sm_scale: float, allow_tf32: bool):
     # q_ref / o_ref: [T + block_q, group, D] of this kv head; k_ref / v_ref: [num_pages, page_size, D]
     i = pl.program_id(1)
     count = count_ref[i]
@@ -51,7 +51,7 @@ def _kernel(seq_ref, start_ref, count_ref, kv_lens_ref, cu_ref, pages_ref, q_ref
             pages = pages_ref[s, pl.ds(j * pages_per_block, pages_per_block)]
             k = k_ref[pages].reshape(block_k, head_dim)
             v = v_ref[pages].reshape(block_k, head_dim)
-            scores = plgpu.dot(q, k, trans_b=True) * scale  # [rows, block_k] f32, log2 units
+            scores = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32) * scale  # [rows, block_k] f32, log2 units
             key_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
             mask = key_pos[None, :] <= row_pos[:, None]
             scores = jnp.where(mask, scores, _MASK_VALUE)
@@ -59,7 +59,7 @@ def _kernel(seq_ref, start_ref, count_ref, kv_lens_ref, cu_ref, pages_ref, q_ref
             p = jnp.exp2(scores - m_new[:, None])
             alpha = jnp.exp2(m - m_new)
             l = alpha * l + p.sum(axis=-1)
-            acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
+            acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, allow_tf32=allow_tf32)
             return acc, m_new, l
 
         init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK_VALUE, jnp.float32),
@@ -93,7 +93,7 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
     kv_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda h, i: (0, 0, h, 0))
     qo_spec = pl.BlockSpec((None, num_tokens + block_q, group_pad, head_dim), lambda h, i: (h, 0, 0, 0))
     kernel = functools.partial(_kernel, block_q=block_q, group=group_pad, pages_per_block=pages_per_block,
-                               sm_scale=sm_scale)
+                               sm_scale=sm_scale, allow_tf32=q.dtype != jnp.float32)  # float32 stays exact
     out = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_blocks),
