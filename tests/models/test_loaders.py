@@ -11,7 +11,7 @@ from jaxpaged.models import SHIPPED_CONFIGS, ModelConfig, load_model
 from jaxpaged.models.gguf_loader import permute_rows, unpermute_rows
 from jaxpaged.models.loader import shipped_config
 from jaxpaged.models.weights import param_shapes
-from tests.models.paged import PagedSequence
+from tests.models.paged import greedy
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 TINY = os.path.join(FIXTURES, "llama31_gqa_tied_rope_scaling")
@@ -93,14 +93,11 @@ def test_gguf_tokenizer_matches_transformers_token_ids(smollm2_tokenizer):
 
 def test_embedded_model_greedy_matches_transformers_through_model_forward():
     with open(os.path.join(FIXTURES, "smollm2_greedy.json")) as f:
-        case = json.load(f)["cases"][0]
+        cases = json.load(f)["cases"]
     model = load_model(None, dtype="float32")
-    seq = PagedSequence(model, len(case["prompt_token_ids"]) + 8)
-    logits = seq.feed(case["prompt_token_ids"])
-    tokens = [int(logits[-1].argmax())]
-    for _ in range(7):
-        tokens.append(int(seq.feed([tokens[-1]])[-1].argmax()))
-    assert tokens == case["hf_token_ids"][:8]
+    assert {c["chat"] for c in cases} == {True, False}
+    out = greedy(model, [c["prompt_token_ids"] for c in cases], len(cases[0]["hf_token_ids"]))
+    assert out == [c["hf_token_ids"] for c in cases]
 
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
