@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.dummy import dummy_params
-from jaxpaged.models.gguf_loader import gguf_arch, gguf_config, gguf_tensors, open_gguf
+from jaxpaged.models.gguf_loader import gguf_config, gguf_tensors, open_gguf
 from jaxpaged.models.loaded import LoadedModel
 from jaxpaged.models.safetensors_loader import hf_config, read_json, read_safetensors, safetensors_files
 from jaxpaged.models.weights import build_params
@@ -20,8 +20,10 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 SHIPPED_CONFIGS = ("llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 _DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
            "half": jnp.float16}
+_EXPECTED = "a HF model directory (config.json + *.safetensors), a .gguf file or an orbax checkpoint directory"
 
 
 def embedded_model_path() -> str:
@@ -38,61 +40,86 @@ def embedded_model_path() -> str:
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None):
-    """"auto" follows the checkpoint (bfloat16 when it says nothing; float32 for GGUF on CPU, see load_model)."""
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    return _DTYPES.get(str(checkpoint_dtype or "bfloat16").replace("torch.", ""), jnp.bfloat16)
+    """The jnp dtype for `dtype`; "auto" follows the checkpoint's dtype (bfloat16 when it says nothing)."""
+    if dtype == "auto":
+        name = str(checkpoint_dtype or "bfloat16").replace("torch.", "")
+        return _DTYPES.get(name, jnp.bfloat16)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported (allowed: auto, float32, bfloat16, float16)")
+    return _DTYPES[dtype]
 
 
 def load_model(model: str | None = None, *, load_format: str = "auto", dtype: str = "auto", seed: int = 0,
                hf_config_overrides: dict | None = None) -> LoadedModel:
     """Loads a Llama-family model.
 
-    model: a HF directory, a .gguf file, an orbax checkpoint directory, a config.json path or shipped config name
-    (with load_format="dummy"), or None for the embedded SmolLM2-135M-Instruct. dtype "auto" follows the checkpoint's
-    torch_dtype; GGUF weights are dequantised to float32 on CPU and bfloat16 elsewhere.
+    model: a HF directory, a .gguf file (or a directory holding exactly one and no config.json), an orbax checkpoint
+    directory (`save_orbax`), or for load_format="dummy" a config.json / HF directory / .gguf file / shipped config
+    name (SHIPPED_CONFIGS); None is the embedded SmolLM2-135M-Instruct GGUF.
+    dtype: "auto" follows the checkpoint (config.json torch_dtype, bfloat16 when absent; an orbax checkpoint's saved
+    dtype). GGUF "auto" is float32 on CPU (the parity reference) and bfloat16 elsewhere: GGUF weights are mostly
+    quantised, so the file says nothing useful. hf_config_overrides: HF config keys replacing the checkpoint's.
+    seed: only for dummy weights.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r} is not supported (allowed: {', '.join(LOAD_FORMATS)})")
+    resolve_dtype(dtype, None)  # validate early
     if model is None:
         model = embedded_model_path()
     if load_format == "dummy":
         return _load_dummy(model, dtype, seed, hf_config_overrides)
     if not os.path.exists(model):
-        raise FileNotFoundError(f"{model}: no such file or directory; expected a HF model directory, a .gguf file "
-                                "or an orbax checkpoint directory")
+        raise FileNotFoundError(f"{model}: no such file or directory; expected {_EXPECTED}")
+    model = _single_gguf_in(model) or model
+    is_orbax = os.path.isdir(model) and os.path.exists(os.path.join(model, "jaxpaged.json"))
     if load_format == "gguf" or (load_format == "auto" and model.endswith(".gguf")):
-        return _load_gguf(model, dtype)
-    if load_format == "orbax" or (load_format == "auto" and os.path.exists(os.path.join(model, "jaxpaged.json"))):
+        return _load_gguf(model, dtype, hf_config_overrides)
+    if load_format == "orbax" or (load_format == "auto" and is_orbax):
         from jaxpaged.models.orbax_loader import load_orbax
 
-        return load_orbax(model, dtype)
+        return load_orbax(model, dtype, hf_config_overrides)
     if not os.path.isdir(model):
-        raise ValueError(f"{model}: expected a HF model directory (config.json + *.safetensors) or a .gguf file")
+        raise ValueError(f"{model}: not a directory or a .gguf file; expected {_EXPECTED}")
     return _load_hf_dir(model, dtype, hf_config_overrides)
 
 
+def _single_gguf_in(path: str) -> str | None:
+    """A directory without config.json that holds exactly one .gguf file stands for that file."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return None
+    files = [f for f in os.listdir(path) if f.endswith(".gguf")]
+    return os.path.join(path, files[0]) if len(files) == 1 else None
+
+
 def _load_hf_dir(folder: str, dtype: str, overrides: dict | None) -> LoadedModel:
-    cfg, raw, generation = hf_config(folder)
-    if overrides:
-        cfg = ModelConfig.from_hf({**raw, **overrides})
+    cfg, raw, generation = hf_config(folder, overrides)
     jdtype = resolve_dtype(dtype, cfg.torch_dtype)
     tensors = (t for path in safetensors_files(folder) for t in read_safetensors(path))
     params = build_params(cfg, tensors, jdtype, folder)
-    generation.setdefault("eos_token_id", raw.get("eos_token_id"))
+    for key in ("eos_token_id", "bos_token_id"):
+        if generation.get(key) is None and raw.get(key) is not None:
+            generation[key] = raw[key]
+    logger.info("Loaded %s (%s) from safetensors.", folder, jnp.dtype(jdtype).name)
     return LoadedModel(cfg, params, jdtype, folder, {}, generation, os.path.basename(os.path.normpath(folder)))
 
 
-def _load_gguf(path: str, dtype: str) -> LoadedModel:
+def _gguf_dtype(dtype: str):
+    return resolve_dtype(("float32" if jax.default_backend() == "cpu" else "bfloat16") if dtype == "auto" else dtype,
+                         None)
+
+
+def _load_gguf(path: str, dtype: str, overrides: dict | None) -> LoadedModel:
     reader = open_gguf(path)
-    cfg, generation = gguf_config(reader, path)
-    default = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    jdtype = resolve_dtype(default if dtype == "auto" else dtype, None)
-    params = build_params(cfg, gguf_tensors(reader, cfg, gguf_arch(reader)), jdtype, path)
+    cfg, generation = gguf_config(reader, path, overrides)
+    jdtype = _gguf_dtype(dtype)
+    params = build_params(cfg, gguf_tensors(reader, cfg), jdtype, path)
     folder, name = os.path.split(os.path.abspath(path))
-    display = EMBEDDED_MODEL if path == embedded_model_path_or_none() else name.removesuffix(".gguf")
+    display = EMBEDDED_MODEL if path == _embedded_model_path_or_none() else name.removesuffix(".gguf")
+    logger.info("Loaded %s (%s) from GGUF.", path, jnp.dtype(jdtype).name)
     return LoadedModel(cfg, params, jdtype, folder, {"gguf_file": name}, generation, display)
 
 
-def embedded_model_path_or_none() -> str | None:
+def _embedded_model_path_or_none() -> str | None:
     try:
         return embedded_model_path()
     except FileNotFoundError:
@@ -106,21 +133,23 @@ def shipped_config(name: str) -> dict:
 
 
 def _load_dummy(model: str, dtype: str, seed: int, overrides: dict | None) -> LoadedModel:
-    if model in SHIPPED_CONFIGS:
-        raw = shipped_config(model)
-        tokenizer = None
-    elif model.endswith(".gguf"):
-        cfg, generation = gguf_config(open_gguf(model), model)
-        jdtype = resolve_dtype(dtype, None)
-        folder, name = os.path.split(os.path.abspath(model))
-        return LoadedModel(cfg, dummy_params(cfg, jdtype, seed), jdtype, folder, {"gguf_file": name}, generation,
-                           f"dummy-{name}")
+    """Random weights for a shipped config name, a config.json, a HF directory or a GGUF file's config."""
+    tokenizer, tokenizer_kwargs = None, {}
+    if model.endswith(".gguf"):
+        cfg, generation = gguf_config(open_gguf(model), model, overrides)
+        jdtype = _gguf_dtype(dtype)
+        tokenizer, name = os.path.split(os.path.abspath(model))
+        tokenizer_kwargs = {"gguf_file": name}
     else:
-        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-        raw = read_json(path, f"a HF config.json or one of the shipped configs {', '.join(SHIPPED_CONFIGS)}")
-        tokenizer = os.path.dirname(path) if os.path.exists(os.path.join(os.path.dirname(path),
-                                                                         "tokenizer.json")) else None
-    cfg = ModelConfig.from_hf({**raw, **(overrides or {})})
-    jdtype = resolve_dtype(dtype, cfg.torch_dtype)
-    generation = {k: raw[k] for k in ("eos_token_id", "bos_token_id") if k in raw}
-    return LoadedModel(cfg, dummy_params(cfg, jdtype, seed), jdtype, tokenizer, {}, generation, f"dummy-{model}")
+        if model in SHIPPED_CONFIGS:
+            raw = shipped_config(model)
+        else:
+            path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+            raw = read_json(path, f"a HF config.json or one of the shipped configs {', '.join(SHIPPED_CONFIGS)}")
+            if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.json")):
+                tokenizer = os.path.dirname(path)
+        cfg = ModelConfig.from_hf({**raw, **(overrides or {})})
+        jdtype = resolve_dtype(dtype, cfg.torch_dtype)
+        generation = {k: raw[k] for k in ("eos_token_id", "bos_token_id") if k in raw}
+    return LoadedModel(cfg, dummy_params(cfg, jdtype, seed), jdtype, tokenizer, tokenizer_kwargs, generation,
+                       f"dummy-{os.path.basename(os.path.normpath(model))}")
