@@ -100,7 +100,13 @@ def _load_hf_dir(folder: str, dtype: str, overrides: dict | None) -> LoadedModel
         if generation.get(key) is None and raw.get(key) is not None:
             generation[key] = raw[key]
     logger.info("Loaded %s (%s) from safetensors.", folder, jnp.dtype(jdtype).name)
-    return LoadedModel(cfg, params, jdtype, folder, {}, generation, os.path.basename(os.path.normpath(folder)))
+    tokenizer = folder if _has_tokenizer(folder) else None
+    return LoadedModel(cfg, params, jdtype, tokenizer, {}, generation, os.path.basename(os.path.normpath(folder)))
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model"))
 
 
 def _gguf_dtype(dtype: str):
