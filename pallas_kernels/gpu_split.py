@@ -109,6 +109,7 @@ def _attend(carry, q, row_pos, scale, load_block, lo, hi):
         k, v, kpos, valid = load_block(i)
         s = _dot(q, k, trans_b=True) * scale  # [M, BK], log2 units
         mask = (kpos[None, :] <= row_pos[:, None]) & valid[None, :]
+        v = jnp.where(valid[:, None], v, 0)  # slots past the length may hold anything, NaN included
         return _softmax_step(carry, s, mask, v)
 
     return jax.lax.fori_loop(lo, hi, body, carry)

@@ -1,0 +1,158 @@
+"""The split-K Triton kernel (`jaxpaged.kernels.gpu_split`) against the float64 oracle, in interpret mode on CPU.
+
+Tolerances (max abs error; outputs are convex mixes of unit-normal V rows, so O(1)):
+  float32 inputs: 2e-5 (online softmax in float32 vs dense float64);
+  bfloat16 inputs: 2e-2 (the oracle sees the same bf16-rounded inputs; P is rounded to bf16 before P @ V).
+`-m gpu` runs the same checks compiled on a GPU (the device machine).
+"""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxpaged.kernels import write_kv_pages
+from jaxpaged.kernels.gpu_split import GpuConfig, ragged_paged_attention_gpu, ragged_paged_attention_gpu_fused
+from tests.kernels.oracle import attention_oracle, make_batch
+
+CASES = {  # name: (q_lens, kv_lens)
+    "decode_only": ([1, 1, 1, 1], [5, 17, 40, 64]),
+    "mixed_chunks_and_decode": ([7, 1, 20, 1], [7, 33, 50, 9]),
+    "one_long_prefill": ([80], [80]),
+    "chunk_on_cached_prefix": ([17, 2], [61, 2]),
+}
+SMALL = GpuConfig(prefill_rows=16, prefill_block_k=16, decode_block_k=16, min_blocks_per_split=1)
+
+
+def build(q_lens, kv_lens, *, heads=(8, 2), head_dim=64, page_size=16, dtype=np.float32, pad_seqs=2, seed=0):
+    rng = np.random.default_rng(seed)
+    max_pages = -(-max(kv_lens) // page_size) + 1
+    b = make_batch(rng, q_lens, kv_lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                   page_size=page_size, max_pages=max_pages, pad_seqs=pad_seqs, pad_tokens=3)
+    if dtype != np.float32:
+        b.q, b.k_pages, b.v_pages = (x.astype(ml_dtypes.bfloat16) for x in (b.q, b.k_pages, b.v_pages))
+    return b
+
+
+def expected(b):
+    f32 = dict(q=b.q.astype(np.float32), k_pages=b.k_pages.astype(np.float32), v_pages=b.v_pages.astype(np.float32))
+    ref = type(b)(**{**b.__dict__, **f32})
+    return attention_oracle(ref, b.q.shape[-1] ** -0.5)
+
+
+def assert_close(out, b, atol):
+    live = int(b.cu_q_lens[b.num_seqs[0]])
+    out = np.asarray(out, np.float32)[:live]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected(b)[:live], atol=atol, rtol=0)
+
+
+def check(q_lens, kv_lens, *, config=SMALL, interpret=True, atol=None, **kw):
+    b = build(q_lens, kv_lens, **kw)
+    out = ragged_paged_attention_gpu(*b.args(), sm_scale=b.q.shape[-1] ** -0.5, interpret=interpret, config=config)
+    assert_close(out, b, atol or (2e-5 if b.q.dtype == np.float32 else 2e-2))
+
+
+def new_token_slots(b):
+    """Slots and (seq, position) of every live new token, in token order."""
+    page_size = b.k_pages.shape[1]
+    slots = []
+    for s in range(int(b.num_seqs[0])):
+        lo, hi, n = int(b.cu_q_lens[s]), int(b.cu_q_lens[s + 1]), int(b.kv_lens[s])
+        for pos in range(n - (hi - lo), n):
+            slots.append(int(b.page_indices[s, pos // page_size]) * page_size + pos % page_size)
+    return np.array(slots, np.int64)
+
+
+def check_fused(q_lens, kv_lens, *, config=SMALL, interpret=True, atol=None, **kw):
+    """Fused call on pages whose new-token slots hold NaN: output and written pages must equal the plain path."""
+    b = build(q_lens, kv_lens, **kw)
+    num_pages, page_size, kvh, d = b.k_pages.shape
+    slots = new_token_slots(b)
+    t = b.q.shape[0]
+    k_new = np.zeros((t, kvh, d), b.k_pages.dtype)
+    v_new = np.zeros_like(k_new)
+    k_new[: len(slots)] = b.k_pages.reshape(-1, kvh, d)[slots]
+    v_new[: len(slots)] = b.v_pages.reshape(-1, kvh, d)[slots]
+    k_holes, v_holes = b.k_pages.copy(), b.v_pages.copy()
+    k_holes.reshape(-1, kvh, d)[slots] = np.nan
+    v_holes.reshape(-1, kvh, d)[slots] = np.nan
+    out, k_pages, v_pages = ragged_paged_attention_gpu_fused(
+        b.q, k_new, v_new, k_holes, v_holes, *b.args()[3:], sm_scale=d ** -0.5, interpret=interpret, config=config)
+    assert_close(out, b, atol or (2e-5 if b.q.dtype == np.float32 else 2e-2))
+    np.testing.assert_array_equal(np.asarray(k_pages), b.k_pages)  # padding tokens wrote nothing
+    np.testing.assert_array_equal(np.asarray(v_pages), b.v_pages)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("splits", [1, 4])
+def test_ragged_batches_match_oracle(case, splits):
+    check(*CASES[case], config=GpuConfig(**{**SMALL.__dict__, "decode_splits": splits}))
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_page_sizes(page_size):
+    check([5, 1, 1], [21, 40, 3], page_size=page_size)
+
+
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 64), ((8, 2), 128), ((8, 1), 64)])
+def test_gqa_ratios_1_3_4_8_and_head_dims(heads, head_dim):
+    check([3, 1, 6], [3, 30, 22], heads=heads, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
+def test_bfloat16(heads):
+    check([9, 1, 1], [9, 37, 12], heads=heads, dtype="bfloat16")
+
+
+def test_default_config_tiles():
+    check([40, 1, 1], [70, 200, 9], config=GpuConfig(decode_splits=2))
+
+
+def test_no_padding_sequences_or_tokens():
+    check([4, 1], [4, 19], pad_seqs=0)
+
+
+@pytest.mark.parametrize("case", ["decode_only", "mixed_chunks_and_decode", "chunk_on_cached_prefix"])
+def test_fused_kv_write_equals_write_then_attend(case):
+    check_fused(*CASES[case], config=GpuConfig(**{**SMALL.__dict__, "decode_splits": 2}))
+
+
+def test_fused_first_tokens_and_bfloat16():
+    check_fused([1, 3], [1, 3], heads=(9, 3), dtype="bfloat16")
+
+
+def test_fused_matches_write_kv_pages_slots():
+    b = build([2, 1], [5, 9])
+    slots = new_token_slots(b)
+    k_new = np.random.default_rng(1).standard_normal((b.q.shape[0], *b.k_pages.shape[2:])).astype(np.float32)
+    want_k, _ = write_kv_pages(b.k_pages, b.v_pages, k_new[: len(slots)], k_new[: len(slots)], slots)
+    _, k_pages, _ = ragged_paged_attention_gpu_fused(b.q, k_new, k_new, b.k_pages, b.v_pages, *b.args()[3:],
+                                                     sm_scale=0.125, interpret=True, config=SMALL)
+    np.testing.assert_array_equal(np.asarray(k_pages), np.asarray(want_k))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 40)), min_size=1, max_size=4),
+       st.sampled_from([(4, 1), (6, 2), (8, 8), (9, 3)]), st.sampled_from([8, 16]), st.integers(0, 3),
+       st.sampled_from([1, 2]), st.booleans())
+def test_random_shapes(seqs, heads, page_size, pad_seqs, splits, fused):
+    q_lens = [q for q, _ in seqs]
+    kv_lens = [q + cached for q, cached in seqs]
+    config = GpuConfig(**{**SMALL.__dict__, "decode_splits": splits})
+    (check_fused if fused else check)(q_lens, kv_lens, heads=heads, page_size=page_size, pad_seqs=pad_seqs,
+                                      config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((9, 3), 64), ((8, 1), 128)])
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_compiled_on_gpu(case, heads, head_dim, dtype):
+    assert jax.default_backend() == "gpu"
+    for config in (GpuConfig(), GpuConfig(decode_splits=4), SMALL):
+        kw = dict(heads=heads, head_dim=head_dim, dtype=dtype, config=config, interpret=False)
+        check(*CASES[case], atol=2e-2 if dtype != np.float32 else 1e-4, **kw)
+        check_fused(*CASES[case], atol=2e-2 if dtype != np.float32 else 1e-4, **kw)
