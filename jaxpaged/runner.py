@@ -1,8 +1,10 @@
 """ModelRunner: turns a SchedulerOutput into padded flat arrays and runs one jitted forward + sample step."""
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,11 @@ def _step(model: LoadedModel, attn_impl: str, params, kv_caches, inp: ModelInput
     return kv_caches, sample(logits, st)
 
 
+def _bucket_key(inp: ModelInput, st: SamplingTensors) -> tuple:
+    return (inp.token_ids.shape[0], inp.logits_indices.shape[0], st.penalty_tokens.shape[1],
+            st.banned_tokens.shape[1])
+
+
 class ModelRunner:
     """Owns the page pool on device and the jitted step; one compiled program per bucket shape."""
 
@@ -47,6 +54,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.kv_caches = None
         self.step_fn = jax.jit(functools.partial(_step, model, attn_impl), donate_argnums=(1,))
+        self.executables: dict[tuple, jax.stages.Compiled] = {}  # bucket key -> compiled step
 
     def _pool_shape(self, num_pages: int) -> tuple[int, int, int, int]:
         cfg = self.model.config
@@ -68,19 +76,33 @@ class ModelRunner:
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def warm_up(self) -> None:
-        """Compiles (or loads from the persistent cache) every bucket shape, with a progress bar."""
+        """Compiles (or loads from the persistent cache) every bucket shape, in parallel threads.
+
+        XLA compiles outside the GIL, so bucket programs build concurrently; each is kept as an executable keyed
+        by its shapes and called directly, so a step never traces or compiles after warm-up.
+        """
         shapes = self.buckets.all_shapes()
-        for num_tokens, num_seqs in tqdm(shapes, desc="Compiling step buckets", unit="bucket"):
-            inp, st = self._null_batch(num_tokens, num_seqs)
-            self.kv_caches, out = self.step_fn(self.model.params, self.kv_caches, inp, st)
-        jax.block_until_ready(self.kv_caches)
-        logger.info("Compiled %d step buckets (tokens x seqs).", len(shapes))
+        workers = max(1, min(len(shapes), os.cpu_count() or 1, 8))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+                tqdm(total=len(shapes), desc="Compiling step buckets", unit="bucket") as bar:
+            futures = [pool.submit(self._compile, *shape) for shape in shapes]
+            for future in concurrent.futures.as_completed(futures):
+                key, executable = future.result()
+                self.executables[key] = executable
+                bar.update(1)
+        logger.info("Compiled %d step buckets (tokens x seqs) with %d threads.", len(shapes), workers)
+
+    def _compile(self, num_tokens: int, num_seqs: int) -> tuple[tuple, jax.stages.Compiled]:
+        inp, st = self._null_batch(num_tokens, num_seqs)
+        return _bucket_key(inp, st), self.step_fn.lower(self.model.params, self.kv_caches, inp, st).compile()
 
     def execute(self, sched: SchedulerOutput, page_tables: list[list[int]], sampling: HostSampling) -> SamplerOutput:
         """Runs one step; returns the sampled ids and logprobs as numpy arrays (rows = scheduled requests)."""
         inp = self._prepare_input(sched, page_tables)
         st = sampling.to_tensors(inp.logits_indices.shape[0])
-        self.kv_caches, out = self.step_fn(self.model.params, self.kv_caches, inp, st)
+        # rare shapes (penalty windows, many banned ids) fall back to jit and compile on first use
+        step = self.executables.get(_bucket_key(inp, st), self.step_fn)
+        self.kv_caches, out = step(self.model.params, self.kv_caches, inp, st)
         return jax.device_get(out)
 
     def _prepare_input(self, sched: SchedulerOutput, page_tables: list[list[int]]) -> ModelInput:
