@@ -1,15 +1,18 @@
-"""Kernel micro-benchmarks on a GPU: decode bandwidth and prefill TFLOP/s of ragged paged attention.
+"""Kernel micro-benchmarks on one GPU: ragged paged attention vs copy bandwidth, JAX's shipped paged kernel, cuDNN.
 
-    python benchmarks/kernels.py [--quick]
+    python3 benchmarks/kernels.py [--quick] [--part decode,prefill] [--out results.jsonl]
 
-Baselines measured in the same run: device-to-device copy bandwidth; JAX's shipped
-`jax.experimental.pallas.ops.gpu.paged_attention` (decode only, tuned over pages_per_compute_block and k_splits);
-`jax.nn.dot_product_attention(..., implementation="cudnn")` for causal prefill. Every timed output is first
-checked against the pure-JAX reference on the same device.
+Every kernel is first checked against the pure-JAX reference on the benchmark inputs (compiled, on the GPU), then
+timed: `reps` calls unrolled in one jitted function (chained through an optimization barrier, so none is merged
+or hoisted), median of several runs, divided by `reps`. Ratios compare figures of the same run only.
 """
 
 import argparse
+import dataclasses
+import functools
 import json
+import statistics
+import sys
 import time
 import warnings
 
@@ -17,139 +20,239 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.kernels import ragged_paged_attention
+from jaxpaged.kernels import ragged_paged_attention_reference
+from jaxpaged.kernels.gpu_split import GpuConfig, decode_splits, ragged_paged_attention_gpu
 
-PAGE = 16
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def timeit(fn, *args, iters: int = 20) -> float:
-    """Median seconds of `fn(*args)` after two warm-up calls."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
+def chained(fn, reps):
+    """jit of `reps` dependent calls fn(x, *rest) -> out; x of each call passes a barrier with the last out."""
+
+    def many(x, *rest):
+        out = None
+        for _ in range(reps):
+            if out is not None:
+                x, _ = jax.lax.optimization_barrier((x, out))
+            out = fn(x, *rest)
+        return out
+
+    return jax.jit(many)
+
+
+def time_us(fn, args, reps=10, runs=5):
+    """Median microseconds per call of fn(*args)."""
+    f = chained(fn, reps)
+    jax.block_until_ready(f(*args))  # compile + warm up
     times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append((time.perf_counter() - t) / reps * 1e6)
+    return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    x = jnp.ones((1 << 30,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + 0)
-    return 2 * x.nbytes / timeit(copy, x)
+def copy_bandwidth(gib=4):
+    """Bytes read + written per second of a device-to-device elementwise copy of a large bf16 array."""
+    x = jax.random.normal(jax.random.key(0), (gib * 2**29,), jnp.bfloat16)
+    us = time_us(lambda a: -a, (x,), reps=10)
+    return 2 * x.nbytes / (us * 1e-6)
 
 
-def decode_inputs(batch: int, length: int, heads: int, kv_heads: int, head_dim: int, key):
-    pages_per_seq = length // PAGE
-    num_pages = batch * pages_per_seq + 1
-    k1, k2, k3 = jax.random.split(key, 3)
-    q = jax.random.normal(k1, (batch, heads, head_dim), jnp.bfloat16)
-    k_pages = jax.random.normal(k2, (num_pages, PAGE, kv_heads, head_dim), jnp.bfloat16)
-    v_pages = jax.random.normal(k3, (num_pages, PAGE, kv_heads, head_dim), jnp.bfloat16)
-    table = (1 + np.random.default_rng(0).permutation(batch * pages_per_seq)).reshape(batch, pages_per_seq)
-    return (q, k_pages, v_pages, jnp.full((batch,), length, jnp.int32), jnp.asarray(table, jnp.int32),
-            jnp.arange(batch + 1, dtype=jnp.int32), jnp.array([batch], jnp.int32))
+@dataclasses.dataclass
+class Batch:
+    q: jax.Array
+    k_pages: jax.Array
+    v_pages: jax.Array
+    kv_lens: jax.Array
+    table: jax.Array
+    cu: jax.Array
+    num_seqs: jax.Array
+
+    def args(self):
+        return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.table, self.cu, self.num_seqs)
 
 
-def shipped_decode(args, head_dim):
-    """Best time of JAX's shipped paged_attention over its tuning knobs (layout converted outside the timing)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
-    q, k_pages, v_pages, lens, table, _, _ = args
-    kp, vp = k_pages.transpose(2, 0, 1, 3), v_pages.transpose(2, 0, 1, 3)  # [KVH, pages, page, D]
-    best = (float("inf"), None)
-    pages_per_seq = table.shape[1]
-    for ppcb in (4, 8, 16):
-        for splits in (1, 4, 8, 16):
-            if pages_per_seq % splits or (pages_per_seq // splits) % min(ppcb, pages_per_seq // splits):
-                continue
-            fn = jax.jit(lambda q, kp, vp, t, l, ppcb=ppcb, splits=splits: paged_attention(
-                q, kp, vp, t, l, pages_per_compute_block=ppcb, k_splits=splits))
-            try:
-                best = min(best, (timeit(fn, q, kp, vp, table, lens), f"ppcb={ppcb},k_splits={splits}"))
-            except Exception as e:  # some shapes exceed its shared-memory or block limits
-                print(f"  shipped kernel ppcb={ppcb} k_splits={splits}: {type(e).__name__}")
-    return best
+def make_batch(q_lens, kv_lens, heads, kv_heads, head_dim, page_size=16, dtype=jnp.bfloat16, seed=0):
+    """Random pool holding exactly the batch's pages (shuffled), page 0 the null page."""
+    rng = np.random.default_rng(seed)
+    pages = [-(-n // page_size) for n in kv_lens]
+    num_pages = 1 + sum(pages)
+    max_pages = max(pages)
+    perm = rng.permutation(np.arange(1, num_pages)).astype(np.int32)
+    table = np.zeros((len(q_lens), max_pages), np.int32)
+    at = 0
+    for s, n in enumerate(pages):
+        table[s, :n] = perm[at:at + n]
+        at += n
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    k = jax.random.split(jax.random.key(seed), 3)
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    return Batch(jax.random.normal(k[0], (int(cu[-1]), heads, head_dim), dtype),
+                 jax.random.normal(k[1], shape, dtype), jax.random.normal(k[2], shape, dtype),
+                 jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table), jnp.asarray(cu),
+                 jnp.asarray([len(q_lens)], jnp.int32))
 
 
-def run_decode(bw: float, quick: bool) -> list[dict]:
-    rows = []
+def rel_err(out, ref, rows=None):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    if rows is not None:
+        out, ref = out[:rows], ref[:rows]
+    if not np.isfinite(out).all():
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def ours(config=GpuConfig()):
+    return lambda q, *rest, sm_scale: ragged_paged_attention_gpu(q, *rest, sm_scale=sm_scale, config=config)
+
+
+def other_gpu_kernel():
+    """The query-block kernel in jaxpaged.kernels.gpu (another implementation in this repo), if importable."""
+    try:
+        from jaxpaged.kernels.gpu import ragged_paged_attention_gpu as other
+    except ImportError:
+        return None
+    return lambda q, *rest, sm_scale: other(q, *rest, sm_scale=sm_scale)
+
+
+def shipped_decode(b: Batch, sm_scale, ppcb, k_splits):
+    """JAX's shipped Triton paged attention; head-major pool layout, so the pool is transposed once, untimed."""
+    from jax.experimental.pallas.ops.gpu import paged_attention as pa
+
+    kp, vp = (jnp.transpose(x, (2, 0, 1, 3)) for x in (b.k_pages, b.v_pages))
+    fn = functools.partial(pa.paged_attention, pages_per_compute_block=ppcb, k_splits=k_splits)
+    # shipped kernel takes no scale: pre-scale q (inside the timed function, as an engine would)
+    return (lambda q, kp, vp, table, lens: fn(q * sm_scale, kp, vp, table, lens)), (b.q, kp, vp, b.table, b.kv_lens)
+
+
+def decode_rows(args, quick):
+    batches = [16, 64] if quick else [16, 64, 256]
+    lengths = [1024, 8192] if quick else [512, 1024, 4096, 8192]
     shapes = [(32, 8, 128), (9, 3, 64)]
-    batches = (16, 64, 256) if not quick else (64,)
-    lengths = (512, 1024, 4096, 8192) if not quick else (1024,)
-    for heads, kv_heads, head_dim in shapes:
-        for batch in batches:
-            for length in lengths:
-                args = decode_inputs(batch, length, heads, kv_heads, head_dim, jax.random.key(0))
-                scale = head_dim ** -0.5
-                ours = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=scale, impl="gpu"))
-                ref = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=scale, impl="reference"))
-                err = float(jnp.abs(ours(*args).astype(jnp.float32) - ref(*args).astype(jnp.float32)).max())
-                t = timeit(ours, *args)
-                kv_bytes = 2 * batch * length * kv_heads * head_dim * 2
-                t_ship, cfg = shipped_decode(args, head_dim)
-                rows.append({"kind": "decode", "heads": f"{heads}/{kv_heads}x{head_dim}", "batch": batch,
-                             "len": length, "us": t * 1e6, "pct_copy_bw": 100 * kv_bytes / t / bw,
-                             "shipped_us": t_ship * 1e6, "shipped_pct_copy_bw": 100 * kv_bytes / t_ship / bw,
-                             "shipped_cfg": cfg, "max_abs_err": err})
-                print(json.dumps(rows[-1]), flush=True)
-                del args
-    return rows
+    for (h, kvh, d) in shapes:
+        for bsz in batches:
+            for L in lengths:
+                yield from decode_case(bsz, L, h, kvh, d, args)
 
 
-def run_prefill(quick: bool) -> list[dict]:
-    rows = []
-    heads, kv_heads, head_dim = 32, 8, 128
-    for tokens in ((2048,) if quick else (2048, 8192)):
-        key = jax.random.key(1)
-        q = jax.random.normal(key, (tokens, heads, head_dim), jnp.bfloat16)
-        k = jax.random.normal(jax.random.fold_in(key, 1), (tokens, kv_heads, head_dim), jnp.bfloat16)
-        v = jax.random.normal(jax.random.fold_in(key, 2), (tokens, kv_heads, head_dim), jnp.bfloat16)
-        pages = tokens // PAGE
-        k_pages = jnp.concatenate([jnp.zeros((1, PAGE, kv_heads, head_dim), k.dtype),
-                                   k.reshape(pages, PAGE, kv_heads, head_dim)])
-        v_pages = jnp.concatenate([jnp.zeros((1, PAGE, kv_heads, head_dim), v.dtype),
-                                   v.reshape(pages, PAGE, kv_heads, head_dim)])
-        meta = (jnp.array([tokens], jnp.int32), jnp.arange(1, pages + 1, dtype=jnp.int32)[None],
-                jnp.array([0, tokens], jnp.int32), jnp.array([1], jnp.int32))
-        scale = head_dim ** -0.5
-        ours = jax.jit(lambda q, kp, vp: ragged_paged_attention(q, kp, vp, *meta, sm_scale=scale, impl="gpu"))
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                                                     scale=scale, implementation="cudnn")[0])
-        err = float(jnp.abs(ours(q, k_pages, v_pages).astype(jnp.float32)
-                            - cudnn(q, k, v).astype(jnp.float32)).max())
-        flops = 4 * tokens * tokens * heads * head_dim / 2  # causal
-        t_ours, t_cudnn = timeit(ours, q, k_pages, v_pages, iters=10), timeit(cudnn, q, k, v, iters=10)
-        rows.append({"kind": "prefill", "heads": f"{heads}/{kv_heads}x{head_dim}", "tokens": tokens,
-                     "tflops": flops / t_ours / 1e12, "cudnn_tflops": flops / t_cudnn / 1e12,
-                     "ratio_vs_cudnn": t_cudnn / t_ours, "max_abs_err_vs_cudnn": err})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+def decode_case(bsz, L, h, kvh, d, args):
+    b = make_batch([1] * bsz, [L] * bsz, h, kvh, d)
+    scale = d ** -0.5
+    kv_bytes = 2 * bsz * L * kvh * d * b.k_pages.dtype.itemsize
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))(*b.args())
+    row = dict(part="decode", B=bsz, L=L, heads=f"{h}/{kvh}x{d}", kv_bytes=kv_bytes)
+    variants = {"ours": ours()}
+    if args.sweep:
+        for bk, st in [(32, 3), (128, 2)]:
+            variants[f"ours_bk{bk}_st{st}"] = ours(GpuConfig(decode_block_k=bk, decode_stages=st))
+    other = other_gpu_kernel()
+    if other is not None:
+        variants["gpu.py"] = other
+    for name, fn in variants.items():
+        f = functools.partial(fn, sm_scale=scale)
+        err = rel_err(jax.jit(f)(*b.args()), ref)
+        row[f"{name}_err"] = err
+        row[f"{name}_us"] = time_us(f, b.args()) if err < 2e-2 else None
+    best = None
+    pages = L // 16
+    for ppcb in (8, 16):
+        for ks in (1, 4, 16):
+            if pages % ks or (pages // ks) % min(ppcb, pages // ks):
+                continue
+            try:
+                fn, fargs = shipped_decode(b, scale, ppcb, ks)
+                err = rel_err(jax.jit(fn)(*fargs), ref)
+                us = time_us(fn, fargs) if err < 2e-2 else None
+            except Exception as e:  # noqa: BLE001 - a config the shipped kernel rejects
+                print(f"shipped ppcb={ppcb} k_splits={ks}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+                continue
+            if us is not None and (best is None or us < best[0]):
+                best = (us, ppcb, ks)
+    if best:
+        row.update(shipped_us=best[0], shipped_cfg=f"ppcb={best[1]},k_splits={best[2]}")
+    row["splits"] = decode_splits(GpuConfig(), bsz, kvh, L)
+    yield row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip-decode", action="store_true")
-    args = p.parse_args()
-    print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-    bw = copy_bandwidth()
-    print(json.dumps({"copy_bandwidth_TBps": bw / 1e12}), flush=True)
-    rows = run_prefill(args.quick)
-    if not args.skip_decode:
-        rows += run_decode(bw, args.quick)
-    print("\n| kind | heads | shape | ours | baseline | ours/baseline |")
+def prefill_rows(args):
+    for T in ([2048] if args.quick else [2048, 8192]):
+        yield from prefill_case(T, 32, 8, 128, "prefill", [T], [T], args)
+        # mixed: four prefill chunks of T/4 on cached prefixes of 1k, plus 64 decodes at 2k context
+        q_lens = [T // 4] * 4 + [1] * 64
+        kv_lens = [T // 4 + 1024] * 4 + [2048] * 64
+        yield from prefill_case(T, 32, 8, 128, "mixed", q_lens, kv_lens, args)
+
+
+def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
+    b = make_batch(q_lens, kv_lens, h, kvh, d)
+    scale = d ** -0.5
+    flops = sum(4 * h * d * (q * (n - q) + q * (q + 1) / 2) for q, n in zip(q_lens, kv_lens))
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))(*b.args())
+    row = dict(part=kind, T=int(b.q.shape[0]), heads=f"{h}/{kvh}x{d}", flops=flops)
+    variants = {"ours": ours()}
+    if args.sweep:
+        for rows, bk, w, st in [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)]:
+            variants[f"ours_m{rows}_bk{bk}_w{w}_st{st}"] = ours(
+                GpuConfig(prefill_rows=rows, prefill_block_k=bk, prefill_warps=w, prefill_stages=st))
+    other = other_gpu_kernel()
+    if other is not None:
+        variants["gpu.py"] = other
+    for name, fn in variants.items():
+        f = functools.partial(fn, sm_scale=scale)
+        err = rel_err(jax.jit(f)(*b.args()), ref)
+        row[f"{name}_err"] = err
+        row[f"{name}_us"] = time_us(f, b.args(), reps=5) if err < 2e-2 else None
+    if kind == "prefill":  # cuDNN flash attention on the same tokens, K/V dense
+        n = kv_lens[0]
+        kd = b.k_pages[b.table[0]].reshape(1, -1, kvh, d)[:, :n]
+        vd = b.v_pages[b.table[0]].reshape(1, -1, kvh, d)[:, :n]
+        cud = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+        err = rel_err(jax.jit(cud)(b.q[None], kd, vd)[0], ref)
+        row["cudnn_err"] = err
+        row["cudnn_us"] = time_us(cud, (b.q[None], kd, vd), reps=5)
+    yield row
+
+
+def table(rows, copy_bw):
+    lines = [f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", ""]
     for r in rows:
-        if r["kind"] == "decode":
-            print(f"| decode | {r['heads']} | B={r['batch']} L={r['len']} | {r['us']:.0f} us "
-                  f"({r['pct_copy_bw']:.0f}% copy bw) | shipped {r['shipped_us']:.0f} us "
-                  f"({r['shipped_pct_copy_bw']:.0f}%, {r['shipped_cfg']}) | {r['shipped_us'] / r['us']:.2f}x |")
+        us = {k[:-3]: v for k, v in r.items() if k.endswith("_us") and v}
+        if r["part"] == "decode":
+            cells = [f"{k} {v:.1f}us {r['kv_bytes'] / (v * 1e-6) / copy_bw:.0%}" for k, v in us.items()]
+            lines.append(f"decode B={r['B']:<3} L={r['L']:<5} {r['heads']:<9} splits={r['splits']:<2} | "
+                         + " | ".join(cells) + f" | shipped cfg {r.get('shipped_cfg')}")
         else:
-            print(f"| prefill | {r['heads']} | T={r['tokens']} | {r['tflops']:.0f} TFLOP/s | cuDNN "
-                  f"{r['cudnn_tflops']:.0f} TFLOP/s | {r['ratio_vs_cudnn']:.2f}x |")
+            cells = [f"{k} {v:.0f}us {r['flops'] / (v * 1e-6) / 1e12:.0f}TF/s" for k, v in us.items()]
+            lines.append(f"{r['part']:<7} T={r['T']:<5} {r['heads']} | " + " | ".join(cells))
+        errs = {k[:-4]: v for k, v in r.items() if k.endswith("_err") and not v < 2e-2}
+        if errs:
+            lines.append(f"   WRONG (rel err >= 2e-2): {errs}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--sweep", action="store_true", help="also time other tile configs of ours")
+    p.add_argument("--part", default="decode,prefill")
+    p.add_argument("--out", default=None, help="JSON lines, one per case")
+    args = p.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    bw = copy_bandwidth()
+    rows = []
+    parts = args.part.split(",")
+    gens = ([decode_rows(args, args.quick)] if "decode" in parts else []) + (
+        [prefill_rows(args)] if "prefill" in parts else [])
+    for gen in gens:
+        for row in gen:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(table(rows, bw))
 
 
 if __name__ == "__main__":
