@@ -44,19 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--raw", action="store_true", help="complete the prompt text instead of chatting")
     _add_engine_args(gen)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    try:
-        from jaxpaged.server.cli import add_serve_args, run_server
-    except ImportError:
-        add_serve_args = run_server = None
-    if add_serve_args:
-        add_serve_args(serve)
+    from jaxpaged.server.cli import add_serve_args, run_server
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return _generate(args)
-    if run_server is None:
-        parser.error("the server is not available in this build")
     return run_server(args)
 
 
