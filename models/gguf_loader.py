@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp) through the `gguf` package: config from metadata, dequantised weights, Q/K un-permuted."""
 
-import os
-
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 from jaxpaged.models.config import ModelConfig
 
@@ -21,69 +21,78 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_SKIP = ("rope_freqs.weight",)  # read into the config (rope_freq_factors)
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
 
 def open_gguf(path: str):
-    from gguf import GGUFReader
-
+    """A GGUFReader (memory-mapped); ValueError naming the path when the file is not GGUF."""
     try:
         return GGUFReader(path)
     except Exception as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def gguf_config(reader, path: str) -> tuple[ModelConfig, dict]:
-    """ModelConfig and generation config (eos/bos ids) from GGUF metadata."""
+def gguf_config(reader, path: str, overrides: dict | None = None) -> tuple[ModelConfig, dict]:
+    """ModelConfig (HF names, `overrides` applied) and generation config (eos/bos ids) from GGUF metadata."""
     def field(key, default=None):
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
-    arch = field("general.architecture")
-    if arch not in _ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})")
+    arch = gguf_arch(reader, path)
     heads = field(f"{arch}.attention.head_count")
     hidden = field(f"{arch}.embedding_length")
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     d = {
         "vocab_size": field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens", [])),
         "hidden_size": hidden, "intermediate_size": field(f"{arch}.feed_forward_length"),
         "num_hidden_layers": field(f"{arch}.block_count"), "num_attention_heads": heads,
         "num_key_value_heads": field(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": field(f"{arch}.attention.key_length", hidden // heads),
+        "head_dim": field(f"{arch}.attention.key_length", hidden // heads if hidden and heads else None),
         "rms_norm_eps": field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         "rope_theta": field(f"{arch}.rope.freq_base", 10000.0),
         "max_position_embeddings": field(f"{arch}.context_length", 2048),
-        "tie_word_embeddings": "output.weight" not in names,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
         "model_type": arch,
     }
-    generation = {k: field(f"tokenizer.ggml.{g}") for k, g in (("eos_token_id", "eos_token_id"),
-                                                               ("bos_token_id", "bos_token_id"))}
-    return ModelConfig.from_hf(d), {k: v for k, v in generation.items() if v is not None}
+    scaling = field(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        d["rope_scaling"] = {"rope_type": scaling, "factor": field(f"{arch}.rope.scaling.factor", 1.0)}
+    if "rope_freqs.weight" in tensors:  # Llama 3.1 rope scaling, as llama.cpp stores it
+        t = tensors["rope_freqs.weight"]
+        d["rope_freq_factors"] = [float(x) for x in dequantize(t.data, t.tensor_type).reshape(-1)]
+    d = {k: v for k, v in d.items() if v is not None}
+    eos, eot = field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id")
+    generation = {"bos_token_id": field("tokenizer.ggml.bos_token_id"),
+                  "eos_token_id": [eos, eot] if eot is not None and eos is not None and eot != eos else eos}
+    try:
+        cfg = ModelConfig.from_hf({**d, **(overrides or {})})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return cfg, {k: v for k, v in generation.items() if v is not None}
 
 
-def gguf_tensors(reader, cfg: ModelConfig, arch: str):
-    """Yields (HF name, float32 array [out, in]) for every tensor, dequantised and with Q/K rows un-permuted."""
-    from gguf.quants import dequantize
-
+def gguf_tensors(reader, cfg: ModelConfig):
+    """Yields (HF name, float32 array [out, in]) for every weight, dequantised and with Q/K rows un-permuted."""
+    permuted = gguf_arch(reader, "") == "llama"  # llama.cpp's converter permutes Q/K (weights and biases) of llama
     for t in reader.tensors:
-        if t.name.startswith("blk."):
+        if t.name in _SKIP:
+            continue
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if kind is not None:
             _, layer, rest = t.name.split(".", 2)
             name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}" if rest in _LAYER_NAMES else t.name
         else:
             name = _TOP_NAMES.get(t.name, t.name)
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
-        array = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-        if arch == "llama" and rest_is(t.name, "attn_q"):
+        array = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        if permuted and kind == "attn_q":
             array = unpermute_rows(array, cfg.num_attention_heads)
-        elif arch == "llama" and rest_is(t.name, "attn_k"):
+        elif permuted and kind == "attn_k":
             array = unpermute_rows(array, cfg.num_key_value_heads)
         yield name, array
-
-
-def rest_is(name: str, kind: str) -> bool:
-    return name.startswith("blk.") and name.split(".")[2] == kind
 
 
 def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -98,10 +107,9 @@ def permute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_arch(reader) -> str:
-    return reader.fields["general.architecture"].contents()
-
-
-def split_gguf_path(path: str) -> tuple[str, str]:
-    folder, name = os.path.split(os.path.abspath(path))
-    return folder, name
+def gguf_arch(reader, path: str) -> str:
+    f = reader.fields.get("general.architecture")
+    arch = None if f is None else f.contents()
+    if arch not in _ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})")
+    return arch

@@ -25,6 +25,8 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv = np.where(medium, smoothed, scaled)
+    if cfg.rope_freq_factors is not None:  # llama.cpp (GGUF rope_freqs): theta / factor
+        inv = inv / np.asarray(cfg.rope_freq_factors, np.float64)
     return inv.astype(np.float32)
 
 

@@ -22,12 +22,16 @@ def read_json(path: str, what: str) -> dict:
         raise ValueError(f"{path}: broken JSON ({e}); expected {what}") from None
 
 
-def hf_config(folder: str) -> tuple[ModelConfig, dict, dict]:
-    """(ModelConfig, raw config.json, generation_config.json or {}) of a HF model directory."""
-    raw = read_json(os.path.join(folder, "config.json"), "a HF config.json")
+def hf_config(folder: str, overrides: dict | None = None) -> tuple[ModelConfig, dict, dict]:
+    """(ModelConfig, raw config.json with `overrides` applied, generation_config.json or {}) of a HF directory."""
+    path = os.path.join(folder, "config.json")
+    raw = {**read_json(path, "a HF config.json"), **(overrides or {})}
     gen_path = os.path.join(folder, "generation_config.json")
     generation = read_json(gen_path, "generation_config.json") if os.path.exists(gen_path) else {}
-    return ModelConfig.from_hf(raw), raw, generation
+    try:
+        return ModelConfig.from_hf(raw), raw, generation
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def safetensors_files(folder: str) -> list[str]:

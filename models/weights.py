@@ -55,10 +55,11 @@ def build_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dt
         except KeyError:
             raise ValueError(f"{source}: unexpected tensor {name!r} for a Llama-family model") from None
         want = _lookup(expected, path)
+        want_shape = None if want is None else tuple(want.shape)[::-1] if transpose else tuple(want.shape)
+        if tuple(array.shape) != want_shape:  # HF layout in the message: [out, in]
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {want_shape} "
+                             "for this config")
         array = array.T if transpose else array
-        if want is None or tuple(array.shape) != tuple(want.shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected "
-                             f"{None if want is None else tuple(want.shape)} for this config")
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
