@@ -87,7 +87,8 @@ def gguf_tensors(reader, cfg: ModelConfig):
         else:
             name = _TOP_NAMES.get(t.name, t.name)
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
-        array = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        data = t.data.view(np.ndarray)  # a plain view: memmap subclass bookkeeping per block costs seconds
+        array = dequantize(data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
         if permuted and kind == "attn_q":
             array = unpermute_rows(array, cfg.num_attention_heads)
         elif permuted and kind == "attn_k":

@@ -8,23 +8,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.models.config import ModelConfig
-from jaxpaged.models.llama import LlamaModel
-from jaxpaged.models.metadata import AttentionMetadata
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 _NORM = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
 
 
 def param_shapes(cfg: ModelConfig, dtype) -> dict:
-    """The params pytree of `cfg` as ShapeDtypeStructs (nothing is materialised)."""
-    kv = [(jax.ShapeDtypeStruct((2, 1, cfg.num_key_value_heads, cfg.head_dim), dtype),) * 2] * cfg.num_hidden_layers
-    md = AttentionMetadata(*(jax.ShapeDtypeStruct(s, jnp.int32) for s in [(1,), (1,), (1,), (1, 1), (2,), (1,)]))
-    tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
-    init = LlamaModel(cfg, dtype, "reference").init
-    variables = jax.eval_shape(lambda t, m, k: init(jax.random.key(0), t, m, k), tokens, md, kv)
-    head = {} if cfg.tie_word_embeddings else {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size),
-                                                                               dtype)}
-    return {"model": variables["params"], "lm_head": head}
+    """The params pytree of `cfg` as ShapeDtypeStructs (nothing is materialised).
+
+    NOTE: spelled out rather than traced through `LlamaModel.init` (a second per load on 30 layers); the test
+    `test_param_shapes_match_flax_init` keeps the two equal.
+    """
+    def leaf(*shape):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    h, q, kv, inter = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+
+    def dense(d_in, d_out, bias=False):
+        return {"kernel": leaf(d_in, d_out), **({"bias": leaf(d_out)} if bias else {})}
+
+    layer = {
+        "input_layernorm": {"weight": leaf(h)}, "post_attention_layernorm": {"weight": leaf(h)},
+        "self_attn": {"q_proj": dense(h, q, cfg.attention_bias), "k_proj": dense(h, kv, cfg.attention_bias),
+                      "v_proj": dense(h, kv, cfg.attention_bias), "o_proj": dense(q, h)},
+        "mlp": {"gate_proj": dense(h, inter), "up_proj": dense(h, inter), "down_proj": dense(inter, h)},
+    }
+    model = {"embed_tokens": {"embedding": leaf(cfg.vocab_size, h)}, "norm": {"weight": leaf(h)},
+             **{f"layers_{i}": layer for i in range(cfg.num_hidden_layers)}}
+    return {"model": model, "lm_head": {} if cfg.tie_word_embeddings else {"kernel": leaf(h, cfg.vocab_size)}}
 
 
 def _path(name: str) -> tuple[tuple[str, ...], bool]:

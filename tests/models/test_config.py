@@ -56,3 +56,23 @@ def test_invalid_configs_name_the_field(change, message):
     d = {k: v for k, v in {**BASE, **change}.items() if v is not None or k != "vocab_size"}
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("bias,tied", [(False, True), (True, False)])
+def test_param_shapes_match_flax_init(bias, tied):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.models import AttentionMetadata
+    from jaxpaged.models.llama import LlamaModel
+    from jaxpaged.models.weights import param_shapes
+
+    cfg = ModelConfig.from_hf({**BASE, "head_dim": 24, "attention_bias": bias, "tie_word_embeddings": tied})
+    kv = [(jax.ShapeDtypeStruct((2, 1, 2, 24), jnp.bfloat16),) * 2] * 2
+    md = AttentionMetadata(*(jax.ShapeDtypeStruct(s, jnp.int32) for s in [(1,), (1,), (1,), (1, 1), (2,), (1,)]))
+    init = LlamaModel(cfg, jnp.bfloat16, "reference").init
+    flax_params = jax.eval_shape(lambda t, m, k: init(jax.random.key(0), t, m, k)["params"],
+                                 jax.ShapeDtypeStruct((1,), jnp.int32), md, kv)
+    ours = param_shapes(cfg, jnp.bfloat16)
+    assert ours["model"] == flax_params
+    assert ours["lm_head"] == ({} if tied else {"kernel": jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)})
