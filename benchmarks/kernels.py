@@ -26,36 +26,43 @@ from jaxpaged.kernels.gpu_split import GpuConfig, decode_splits, ragged_paged_at
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def chained(fn, reps):
-    """jit of `reps` dependent calls fn(x, *rest) -> out; x of each call passes a barrier with the last out."""
+def chained(fn, reps, num_sets):
+    """jit of `reps` dependent calls: out_i = fn(out_{i-1}, *sets[i % num_sets]) (an output is the next query)."""
 
-    def many(x, *rest):
-        out = None
-        for _ in range(reps):
-            if out is not None:
-                x, _ = jax.lax.optimization_barrier((x, out))
-            out = fn(x, *rest)
-        return out
+    def many(x, *flat):
+        n = len(flat) // num_sets
+        for i in range(reps):
+            x = fn(x, *flat[(i % num_sets) * n:(i % num_sets + 1) * n])
+        return x
 
     return jax.jit(many)
 
 
-def time_us(fn, args, reps=10, runs=5):
-    """Median microseconds per call of fn(*args)."""
-    f = chained(fn, reps)
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append((time.perf_counter() - t) / reps * 1e6)
-    return statistics.median(times)
+def time_us(fn, x, sets, reps=(2, 12), runs=5):
+    """Device microseconds per call of fn(x, *sets[k]).
+
+    Each call's query is the previous call's output, so no call is merged or dropped; input sets rotate so that
+    repeated calls do not read their K/V from L2. Per-call time is the slope between `reps[0]` and `reps[1]`
+    chained calls (median of `runs`), which cancels the host's dispatch of the jitted function.
+    """
+    flat = [a for s in sets for a in s]
+    med = []
+    for r in reps:
+        f = chained(fn, r, len(sets))
+        jax.block_until_ready(f(x, *flat))  # compile + warm up
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            jax.block_until_ready(f(x, *flat))
+            times.append(time.perf_counter() - t)
+        med.append(statistics.median(times))
+    return (med[1] - med[0]) / (reps[1] - reps[0]) * 1e6
 
 
 def copy_bandwidth(gib=4):
     """Bytes read + written per second of a device-to-device elementwise copy of a large bf16 array."""
     x = jax.random.normal(jax.random.key(0), (gib * 2**29,), jnp.bfloat16)
-    us = time_us(lambda a: -a, (x,), reps=10)
+    us = time_us(lambda a: jax.lax.optimization_barrier(a * 1.001), x, [()])  # barrier: no fusion of the chain
     return 2 * x.nbytes / (us * 1e-6)
 
 
@@ -120,10 +127,19 @@ def shipped_decode(b: Batch, sm_scale, ppcb, k_splits):
     """JAX's shipped Triton paged attention; head-major pool layout, so the pool is transposed once, untimed."""
     from jax.experimental.pallas.ops.gpu import paged_attention as pa
 
-    kp, vp = (jnp.transpose(x, (2, 0, 1, 3)) for x in (b.k_pages, b.v_pages))
     fn = functools.partial(pa.paged_attention, pages_per_compute_block=ppcb, k_splits=k_splits)
-    # shipped kernel takes no scale: pre-scale q (inside the timed function, as an engine would)
-    return (lambda q, kp, vp, table, lens: fn(q * sm_scale, kp, vp, table, lens)), (b.q, kp, vp, b.table, b.kv_lens)
+    # the shipped kernel takes no scale: q is pre-scaled inside the timed function, as an engine would
+    return lambda q, kp, vp, table, lens: fn(q * sm_scale, kp, vp, table, lens)
+
+
+def head_major(b: Batch):
+    kp, vp = (jnp.transpose(x, (2, 0, 1, 3)) for x in (b.k_pages, b.v_pages))
+    return (kp, vp, b.table, b.kv_lens)
+
+
+def num_sets(nbytes):
+    """Input sets to rotate so that one pass over them (>= 256 MB) does not fit in the 50 MB L2."""
+    return int(min(8, max(1, -(-256e6 // nbytes))))
 
 
 def decode_rows(args, quick):
@@ -136,39 +152,43 @@ def decode_rows(args, quick):
                 yield from decode_case(bsz, L, h, kvh, d, args)
 
 
+def check_and_time(row, name, fn, b, ref, sets):
+    err = rel_err(jax.jit(fn)(b.q, *sets[0]), ref)
+    row[f"{name}_err"] = err
+    row[f"{name}_us"] = time_us(fn, b.q, sets) if err < 2e-2 else None
+    return row[f"{name}_us"]
+
+
 def decode_case(bsz, L, h, kvh, d, args):
     b = make_batch([1] * bsz, [L] * bsz, h, kvh, d)
     scale = d ** -0.5
     kv_bytes = 2 * bsz * L * kvh * d * b.k_pages.dtype.itemsize
+    batches = [b] + [make_batch([1] * bsz, [L] * bsz, h, kvh, d, seed=i) for i in range(1, num_sets(kv_bytes))]
+    sets = [x.args()[1:] for x in batches]
     ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))(*b.args())
-    row = dict(part="decode", B=bsz, L=L, heads=f"{h}/{kvh}x{d}", kv_bytes=kv_bytes)
+    row = dict(part="decode", B=bsz, L=L, heads=f"{h}/{kvh}x{d}", kv_bytes=kv_bytes, sets=len(sets))
     variants = {"ours": ours()}
-    if args.sweep:
-        for bk, st in [(32, 3), (128, 2)]:
-            variants[f"ours_bk{bk}_st{st}"] = ours(GpuConfig(decode_block_k=bk, decode_stages=st))
-    other = other_gpu_kernel()
+    if "decode" in args.sweep:
+        for bk, st, w in [(32, 3, 4), (128, 2, 4), (64, 4, 4), (64, 3, 8)]:
+            variants[f"ours_bk{bk}_st{st}_w{w}"] = ours(GpuConfig(decode_block_k=bk, decode_stages=st, decode_warps=w))
+    other = other_gpu_kernel() if args.other else None
     if other is not None:
         variants["gpu.py"] = other
     for name, fn in variants.items():
-        f = functools.partial(fn, sm_scale=scale)
-        err = rel_err(jax.jit(f)(*b.args()), ref)
-        row[f"{name}_err"] = err
-        row[f"{name}_us"] = time_us(f, b.args()) if err < 2e-2 else None
+        check_and_time(row, name, functools.partial(fn, sm_scale=scale), b, ref, sets)
     best = None
     pages = L // 16
-    for ppcb in (8, 16):
-        for ks in (1, 4, 16):
-            if pages % ks or (pages // ks) % min(ppcb, pages // ks):
-                continue
-            try:
-                fn, fargs = shipped_decode(b, scale, ppcb, ks)
-                err = rel_err(jax.jit(fn)(*fargs), ref)
-                us = time_us(fn, fargs) if err < 2e-2 else None
-            except Exception as e:  # noqa: BLE001 - a config the shipped kernel rejects
-                print(f"shipped ppcb={ppcb} k_splits={ks}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
-                continue
-            if us is not None and (best is None or us < best[0]):
-                best = (us, ppcb, ks)
+    hm_sets = [head_major(x) for x in batches]
+    for ppcb, ks in [(8, 1), (8, 4), (8, 16), (16, 16)]:  # every config that won in a wider sweep here
+        if pages % ks or (pages // ks) % min(ppcb, pages // ks):
+            continue
+        try:
+            us = check_and_time({}, "x", shipped_decode(b, scale, ppcb, ks), b, ref, hm_sets)
+        except Exception as e:  # noqa: BLE001 - a config the shipped kernel rejects
+            print(f"shipped ppcb={ppcb} k_splits={ks}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+            continue
+        if us is not None and (best is None or us < best[0]):
+            best = (us, ppcb, ks)
     if best:
         row.update(shipped_us=best[0], shipped_cfg=f"ppcb={best[1]},k_splits={best[2]}")
     row["splits"] = decode_splits(GpuConfig(), bsz, kvh, L)
@@ -191,27 +211,22 @@ def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
     ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))(*b.args())
     row = dict(part=kind, T=int(b.q.shape[0]), heads=f"{h}/{kvh}x{d}", flops=flops)
     variants = {"ours": ours()}
-    if args.sweep:
-        for rows, bk, w, st in [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)]:
+    if "prefill" in args.sweep:
+        for rows, bk, w, st in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)]:
             variants[f"ours_m{rows}_bk{bk}_w{w}_st{st}"] = ours(
                 GpuConfig(prefill_rows=rows, prefill_block_k=bk, prefill_warps=w, prefill_stages=st))
     other = other_gpu_kernel()
     if other is not None:
         variants["gpu.py"] = other
     for name, fn in variants.items():
-        f = functools.partial(fn, sm_scale=scale)
-        err = rel_err(jax.jit(f)(*b.args()), ref)
-        row[f"{name}_err"] = err
-        row[f"{name}_us"] = time_us(f, b.args(), reps=5) if err < 2e-2 else None
+        check_and_time(row, name, functools.partial(fn, sm_scale=scale), b, ref, [b.args()[1:]])
     if kind == "prefill":  # cuDNN flash attention on the same tokens, K/V dense
         n = kv_lens[0]
         kd = b.k_pages[b.table[0]].reshape(1, -1, kvh, d)[:, :n]
         vd = b.v_pages[b.table[0]].reshape(1, -1, kvh, d)[:, :n]
         cud = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-            q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-        err = rel_err(jax.jit(cud)(b.q[None], kd, vd)[0], ref)
-        row["cudnn_err"] = err
-        row["cudnn_us"] = time_us(cud, (b.q[None], kd, vd), reps=5)
+            q[None], k, v, scale=scale, is_causal=True, implementation="cudnn")[0]
+        check_and_time(row, "cudnn", cud, b, ref, [(kd, vd)])
     yield row
 
 
@@ -235,7 +250,8 @@ def table(rows, copy_bw):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes")
-    p.add_argument("--sweep", action="store_true", help="also time other tile configs of ours")
+    p.add_argument("--sweep", default="", help="parts (decode,prefill) where other tile configs of ours are timed")
+    p.add_argument("--other", action="store_true", help="time jaxpaged.kernels.gpu in decode too")
     p.add_argument("--part", default="decode,prefill")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
     args = p.parse_args()

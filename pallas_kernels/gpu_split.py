@@ -102,17 +102,31 @@ def _softmax_step(carry, s, mask, v):
     return m_new, l, acc
 
 
-def _attend(carry, q, row_pos, scale, load_block, lo, hi):
-    """Online softmax over key blocks lo..hi-1; load_block(i) -> (k [BK, D], v [BK, D], kpos [BK], valid [BK])."""
+def _attend(carry, q, row_pos, scale, load_block, lo, hi, n_full):
+    """Online softmax over key blocks lo..hi-1; load_block(i) -> (k [BK, D], v [BK, D], kpos [BK], valid [BK]).
 
-    def body(i, carry):
-        k, v, kpos, valid = load_block(i)
+    Blocks below `n_full` are valid and visible to every live row: they skip the masks.
+    """
+
+    def full(i, carry):
+        k, v, _, _ = load_block(i)
         s = _dot(q, k, trans_b=True) * scale  # [M, BK], log2 units
+        m, l, acc = carry
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        return m_new, alpha * l + p.sum(axis=1), alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+
+    def masked(i, carry):
+        k, v, kpos, valid = load_block(i)
+        s = _dot(q, k, trans_b=True) * scale
         mask = (kpos[None, :] <= row_pos[:, None]) & valid[None, :]
         v = jnp.where(valid[:, None], v, 0)  # slots past the length may hold anything, NaN included
         return _softmax_step(carry, s, mask, v)
 
-    return jax.lax.fori_loop(lo, hi, body, carry)
+    mid = jnp.clip(n_full, lo, jnp.maximum(lo, hi))
+    carry = jax.lax.fori_loop(lo, mid, full, carry)
+    return jax.lax.fori_loop(mid, hi, masked, carry)
 
 
 def _init(rows: int, head_dim: int):
@@ -189,14 +203,17 @@ def _prefill_kernel(kv_lens_ref, table_ref, cu_ref, nseq_ref, q_ref, k_ref, v_re
     carry = _init(rows, head_dim)
     if fused:
         load = _page_loader(k_ref, v_ref, table_ref, seq, h, ctx, block_k, max_pages)
-        carry = _attend(carry, q, row_pos, scale, load, 0, jnp.where(active, pl.cdiv(ctx, block_k), 0))
+        hi = jnp.where(active, pl.cdiv(ctx, block_k), 0)
+        carry = _attend(carry, q, row_pos, scale, load, 0, hi, ctx // block_k)
         load = _new_loader(kn_ref, vn_ref, h, q_lo, ctx, end, block_k)
-        carry = _attend(carry, q, row_pos, scale, load, 0, jnp.where(active, pl.cdiv(end - ctx, block_k), 0))
+        hi = jnp.where(active, pl.cdiv(end - ctx, block_k), 0)
+        carry = _attend(carry, q, row_pos, scale, load, 0, hi, (q_start + 1) // block_k)
         _write_new_kv(kn_ref, vn_ref, ko_ref, vo_ref, table_ref, seq, h, q_lo, ctx, q_start, q_count,
                       _pow2(block_q))
     else:
         load = _page_loader(k_ref, v_ref, table_ref, seq, h, end, block_k, max_pages)
-        carry = _attend(carry, q, row_pos, scale, load, 0, jnp.where(active, pl.cdiv(end, block_k), 0))
+        hi = jnp.where(active, pl.cdiv(end, block_k), 0)
+        carry = _attend(carry, q, row_pos, scale, load, 0, hi, (ctx + q_start + 1) // block_k)
     _, l, acc = carry
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     _store_rows(o_ref, (t_idx,), heads, out.astype(o_ref.dtype), row_live)
@@ -234,11 +251,11 @@ def _decode_kernel(kv_lens_ref, table_ref, cu_ref, nseq_ref, q_ref, k_ref, v_ref
     q = q_ref[t, heads, :]  # [M, D]
     lo, hi, _ = _split_range(ctx, active, j, splits, block_k, min_blocks)
     load = _page_loader(k_ref, v_ref, table_ref, s, h, ctx, block_k, table_ref.shape[1])
-    carry = _attend(_init(rows, head_dim), q, row_pos, scale, load, lo, hi)
+    carry = _attend(_init(rows, head_dim), q, row_pos, scale, load, lo, hi, ctx // block_k)
     if fused:
-        first = jnp.where(active & (j == 0), 1, 0)
+        first = jnp.where(active & (j == 0), kv_len - ctx, 0)  # 1 or 0 (int32 select: Triton-friendly)
         load = _new_loader(kn_ref, vn_ref, h, q_lo, ctx, kv_len, block_k)
-        carry = _attend(carry, q, row_pos, scale, load, 0, first)
+        carry = _attend(carry, q, row_pos, scale, load, 0, first, 0)
         _write_new_kv(kn_ref, vn_ref, refs[0], refs[1], table_ref, s, h, q_lo, ctx, 0, first, 16)
     m, l, acc = carry
     if splits == 1:
