@@ -179,7 +179,7 @@ def decode_case(bsz, L, h, kvh, d, args):
     best = None
     pages = L // 16
     hm_sets = [head_major(x) for x in batches]
-    for ppcb, ks in [(8, 1), (8, 4), (8, 16), (16, 16)]:  # every config that won in a wider sweep here
+    for ppcb, ks in [(8, 1), (8, 4), (8, 16), (16, 1), (16, 16)]:  # the winners of a 2x3 sweep here
         if pages % ks or (pages // ks) % min(ppcb, pages // ks):
             continue
         try:
