@@ -92,15 +92,18 @@ class LlamaModel(nn.Module):
     @nn.compact
     def __call__(self, token_ids: jax.Array, md: AttentionMetadata, kv_caches: KVCache):
         c = self.cfg
-        x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                     name="embed_tokens")(token_ids)  # [T, hidden]
-        cos, sin = rope_cos_sin(c, md.positions)
+        with jax.named_scope("embed"):
+            x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         name="embed_tokens")(token_ids)  # [T, hidden]
+            cos, sin = rope_cos_sin(c, md.positions)  # [T, head_dim // 2] f32 each
         new_caches = []
         for i, kv in enumerate(kv_caches):
             with jax.named_scope(f"layer_{i}"):
                 x, kv = DecoderLayer(c, self.dtype, self.attn_impl, name=f"layers_{i}")(x, md, kv, cos, sin)
             new_caches.append(kv)
-        return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x), new_caches
+        with jax.named_scope("final_norm"):
+            x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [T, hidden]
+        return x, new_caches
 
 
 def compute_logits(cfg: ModelConfig, params, hidden: jax.Array) -> jax.Array:
@@ -108,8 +111,9 @@ def compute_logits(cfg: ModelConfig, params, hidden: jax.Array) -> jax.Array:
 
     params: {"model": LlamaModel params, "lm_head": {"kernel": [hidden, vocab]} (empty when tied)}.
     """
-    if cfg.tie_word_embeddings:
-        weight = params["model"]["embed_tokens"]["embedding"].T
-    else:
-        weight = params["lm_head"]["kernel"]
-    return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head"):
+        if cfg.tie_word_embeddings:
+            weight = params["model"]["embed_tokens"]["embedding"].T  # [hidden, vocab]
+        else:
+            weight = params["lm_head"]["kernel"]  # [hidden, vocab]
+        return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)

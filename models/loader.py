@@ -105,6 +105,7 @@ def _load_hf_dir(folder: str, dtype: str, overrides: dict | None) -> LoadedModel
 
 
 def _has_tokenizer(folder: str) -> bool:
+    """Whether `folder` holds tokenizer files (without them the engine takes token-id prompts only)."""
     return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                   "tokenizer.model"))
 
@@ -152,8 +153,8 @@ def _load_dummy(model: str, dtype: str, seed: int, overrides: dict | None) -> Lo
         else:
             path = os.path.join(model, "config.json") if os.path.isdir(model) else model
             raw = read_json(path, f"a HF config.json or one of the shipped configs {', '.join(SHIPPED_CONFIGS)}")
-            if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.json")):
-                tokenizer = os.path.dirname(path)
+            folder = os.path.dirname(os.path.abspath(path))
+            tokenizer = folder if _has_tokenizer(folder) else None
         cfg = ModelConfig.from_hf({**raw, **(overrides or {})})
         jdtype = resolve_dtype(dtype, cfg.torch_dtype)
         generation = {k: raw[k] for k in ("eos_token_id", "bos_token_id") if k in raw}

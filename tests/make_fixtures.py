@@ -35,7 +35,7 @@ GREEDY_TOKENS = 32
 
 def make_tiny(name: str, config) -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():  # larger than the default init so that errors show in the logits
             p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
@@ -67,7 +67,7 @@ def greedy(model, ids: list[int]) -> list[int]:
 def make_smollm2() -> None:
     folder, name = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     cases = []
     for prompt, chat in [("The capital of France is", False), ("def fibonacci(n):", False),
                          ("What is the capital of France?", True), ("Write a haiku about the sea.", True)]:

@@ -169,3 +169,18 @@ def test_embedded_model_greedy_matches_transformers_through_model_forward():
     out = greedy(model, [c["prompt_token_ids"] for c in cases], len(cases[0]["hf_token_ids"]))
     assert out == [c["hf_token_ids"] for c in cases]
     assert jax.tree.leaves(model.params)[0].dtype == np.float32
+
+
+def test_live_embedded_model_greedy_matches_transformers():
+    """Recomputes HF's greedy tokens for a prompt outside the fixture (runs only where torch is installed)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = load_model(None, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(model.tokenizer_path, **model.tokenizer_kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(model.tokenizer_path, dtype=torch.float32,
+                                              **model.tokenizer_kwargs).eval()
+    ids = tok.encode("Gravity is a force that")
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert greedy(model, [ids], 8) == [out]
