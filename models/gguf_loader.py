@@ -74,9 +74,9 @@ def gguf_config(reader, path: str, overrides: dict | None = None) -> tuple[Model
     return cfg, {k: v for k, v in generation.items() if v is not None}
 
 
-def gguf_tensors(reader, cfg: ModelConfig):
+def gguf_tensors(reader, cfg: ModelConfig, path: str = ""):
     """Yields (HF name, float32 array [out, in]) for every weight, dequantised and with Q/K rows un-permuted."""
-    permuted = gguf_arch(reader, "") == "llama"  # llama.cpp's converter permutes Q/K (weights and biases) of llama
+    permuted = gguf_arch(reader, path) == "llama"  # llama.cpp's converter permutes Q/K (weights, biases) of llama
     for t in reader.tensors:
         if t.name in _SKIP:
             continue
@@ -88,7 +88,11 @@ def gguf_tensors(reader, cfg: ModelConfig):
             name = _TOP_NAMES.get(t.name, t.name)
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
         data = t.data.view(np.ndarray)  # a plain view: memmap subclass bookkeeping per block costs seconds
-        array = dequantize(data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        try:
+            array = dequantize(data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        except NotImplementedError:
+            raise ValueError(f"{path}: tensor {t.name!r} is {t.tensor_type.name}, a type the gguf package cannot "
+                             "dequantise") from None
         if permuted and kind == "attn_q":
             array = unpermute_rows(array, cfg.num_attention_heads)
         elif permuted and kind == "attn_k":

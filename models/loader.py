@@ -119,7 +119,7 @@ def _load_gguf(path: str, dtype: str, overrides: dict | None) -> LoadedModel:
     reader = open_gguf(path)
     cfg, generation = gguf_config(reader, path, overrides)
     jdtype = _gguf_dtype(dtype)
-    params = build_params(cfg, gguf_tensors(reader, cfg), jdtype, path)
+    params = build_params(cfg, gguf_tensors(reader, cfg, path), jdtype, path)
     folder, name = os.path.split(os.path.abspath(path))
     display = EMBEDDED_MODEL if path == _embedded_model_path_or_none() else name.removesuffix(".gguf")
     logger.info("Loaded %s (%s) from GGUF.", path, jnp.dtype(jdtype).name)

@@ -114,6 +114,17 @@ def test_gguf_weights_equal_dequantised_checkpoint_in_hf_layout(tmp_path, qtype)
         np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
+def write_one_tensor(tmp_path, raw: np.ndarray, qtype: Q) -> str:
+    path = str(tmp_path / f"{qtype.name}.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_tensor("token_embd.weight", raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
 def test_k_quant_blocks_dequantise_to_the_logical_shape(tmp_path, qtype):
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
@@ -124,16 +135,17 @@ def test_k_quant_blocks_dequantise_to_the_logical_shape(tmp_path, qtype):
     for b in range(cols // block_elems):
         for at in scales:
             raw[:, b * block_bytes + at: b * block_bytes + at + 2] = [0x00, 0x3C]
-    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "qwen2")
-    w.add_tensor("token_embd.weight", raw, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    [(name, array)] = list(gguf_tensors(open_gguf(str(tmp_path / "k.gguf")), None))
+    [(name, array)] = list(gguf_tensors(open_gguf(write_one_tensor(tmp_path, raw, qtype)), None))
     assert name == "model.embed_tokens.weight" and array.shape == (rows, cols) and array.dtype == np.float32
     np.testing.assert_array_equal(array, dequantize(raw, qtype).reshape(rows, cols))
     assert np.isfinite(array).all()
+
+
+def test_block_type_gguf_cannot_dequantise_is_named(tmp_path):
+    block_bytes = gguf.GGML_QUANT_SIZES[Q.Q8_1][1]
+    path = write_one_tensor(tmp_path, np.zeros((2, block_bytes), np.uint8), Q.Q8_1)
+    with pytest.raises(ValueError, match="Q8_1.gguf: tensor 'token_embd.weight' is Q8_1, a type the gguf package"):
+        list(gguf_tensors(open_gguf(path), None, path))
 
 
 @pytest.mark.parametrize("folder", [LLAMA31, QWEN2], ids=os.path.basename)
