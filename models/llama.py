@@ -17,6 +17,8 @@ KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages) [num
 
 
 class RMSNorm(nn.Module):
+    """x [..., hidden] normalised in float32, cast back to `dtype`, then scaled (HF LlamaRMSNorm order)."""
+
     eps: float
     dtype: jnp.dtype
 
@@ -33,6 +35,11 @@ def _dense(features: int, name: str, dtype, bias: bool = False) -> nn.Dense:
 
 
 class Attention(nn.Module):
+    """x [T, hidden] -> [T, hidden]: q/k/v projections, rotary, KV write into the pages, paged attention, o_proj.
+
+    Returns the layer's updated (k_pages, v_pages).
+    """
+
     cfg: ModelConfig
     dtype: jnp.dtype
     attn_impl: str
@@ -54,6 +61,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), x [T, hidden]."""
+
     cfg: ModelConfig
     dtype: jnp.dtype
 
@@ -66,6 +75,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
     cfg: ModelConfig
     dtype: jnp.dtype
     attn_impl: str
@@ -92,6 +103,8 @@ class LlamaModel(nn.Module):
     @nn.compact
     def __call__(self, token_ids: jax.Array, md: AttentionMetadata, kv_caches: KVCache):
         c = self.cfg
+        if len(kv_caches) != c.num_hidden_layers:
+            raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model {c.num_hidden_layers}")
         with jax.named_scope("embed"):
             x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          name="embed_tokens")(token_ids)  # [T, hidden]
