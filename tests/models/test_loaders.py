@@ -80,6 +80,7 @@ def test_sharded_bf16_checkpoint_loads_in_checkpoint_dtype(tmp_path):
 
 
 def test_orbax_round_trip_keeps_weights_config_and_tokenizer_info(tmp_path):
+    pytest.importorskip("orbax.checkpoint")  # optional dependency (the `orbax` extra)
     model = load_model(TINY, dtype="float32")
     save_orbax(model, str(tmp_path / "ckpt"))
     back = load_model(str(tmp_path / "ckpt"))
