@@ -1,8 +1,9 @@
-"""GGUF files (llama.cpp) through the `gguf` package: config from metadata, dequantised weights, Q/K un-permuted."""
+"""GGUF files (llama.cpp) through the `gguf` package: config from metadata, dequantised weights, Q/K un-permuted.
+
+NOTE: `gguf` is imported inside the functions, so `jaxpaged.models` imports where it is absent (the GPU machine).
+"""
 
 import numpy as np
-from gguf import GGUFReader
-from gguf.quants import dequantize
 
 from jaxpaged.models.config import ModelConfig
 
@@ -28,6 +29,8 @@ _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
 
 def open_gguf(path: str):
     """A GGUFReader (memory-mapped); ValueError naming the path when the file is not GGUF."""
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path)
     except Exception as e:
@@ -36,6 +39,8 @@ def open_gguf(path: str):
 
 def gguf_config(reader, path: str, overrides: dict | None = None) -> tuple[ModelConfig, dict]:
     """ModelConfig (HF names, `overrides` applied) and generation config (eos/bos ids) from GGUF metadata."""
+    from gguf.quants import dequantize
+
     def field(key, default=None):
         f = reader.fields.get(key)
         return default if f is None else f.contents()
@@ -76,6 +81,8 @@ def gguf_config(reader, path: str, overrides: dict | None = None) -> tuple[Model
 
 def gguf_tensors(reader, cfg: ModelConfig, path: str = ""):
     """Yields (HF name, float32 array [out, in]) for every weight, dequantised and with Q/K rows un-permuted."""
+    from gguf.quants import dequantize
+
     permuted = gguf_arch(reader, path) == "llama"  # llama.cpp's converter permutes Q/K (weights, biases) of llama
     for t in reader.tensors:
         if t.name in _SKIP:

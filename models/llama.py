@@ -30,8 +30,14 @@ class RMSNorm(nn.Module):
         return weight * x32.astype(self.dtype)
 
 
+def _precision(dtype):
+    """float32 models get true float32 matmuls: JAX's default on GPU (TF32) and TPU (bf16 passes) would break the
+    float32 parity with HF. Other dtypes keep the default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _dense(features: int, name: str, dtype, bias: bool = False) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, precision=_precision(dtype), name=name)
 
 
 class Attention(nn.Module):
@@ -129,4 +135,4 @@ def compute_logits(cfg: ModelConfig, params, hidden: jax.Array) -> jax.Array:
             weight = params["model"]["embed_tokens"]["embedding"].T  # [hidden, vocab]
         else:
             weight = params["lm_head"]["kernel"]  # [hidden, vocab]
-        return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+        return jnp.dot(hidden, weight, precision=_precision(weight.dtype), preferred_element_type=jnp.float32)
