@@ -16,8 +16,8 @@ def _bucket(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
 
 
-def _forward_logits(model: LoadedModel, params, token_ids, md, kv):
-    hidden, kv = model.forward(params, token_ids, md, kv, attn_impl="reference")
+def _forward_logits(model: LoadedModel, attn_impl: str, params, token_ids, md, kv):
+    hidden, kv = model.forward(params, token_ids, md, kv, attn_impl=attn_impl)
     return model.compute_logits(params, hidden), kv  # [T, vocab] f32
 
 
@@ -28,7 +28,7 @@ class PagedBatch:
     logits [len(chunk), vocab] float32.
     """
 
-    def __init__(self, model: LoadedModel, max_lens: list[int], seed: int = 0):
+    def __init__(self, model: LoadedModel, max_lens: list[int], seed: int = 0, attn_impl: str = "reference"):
         cfg = model.config
         self.model = model
         per_seq = [-(-n // PAGE_SIZE) for n in max_lens]
@@ -41,7 +41,7 @@ class PagedBatch:
         self.kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
                    for _ in range(cfg.num_hidden_layers)]
         self.lengths = np.zeros(len(max_lens), np.int32)
-        self._fn = jax.jit(functools.partial(_forward_logits, model), donate_argnums=(3,))
+        self._fn = jax.jit(functools.partial(_forward_logits, model, attn_impl), donate_argnums=(3,))
 
     def step(self, chunks: list[list[int]]) -> list[np.ndarray]:
         assert len(chunks) == len(self.lengths) and all(chunks)
@@ -65,8 +65,8 @@ class PagedBatch:
 class PagedSequence(PagedBatch):
     """One sequence, fed in chunks of any size."""
 
-    def __init__(self, model: LoadedModel, max_len: int, seed: int = 0):
-        super().__init__(model, [max_len], seed)
+    def __init__(self, model: LoadedModel, max_len: int, seed: int = 0, attn_impl: str = "reference"):
+        super().__init__(model, [max_len], seed, attn_impl)
 
     def feed(self, token_ids: list[int]) -> np.ndarray:
         """Runs the chunk; returns logits [len(chunk), vocab] float32."""
