@@ -38,7 +38,7 @@ def chained(fn, reps, num_sets):
     return jax.jit(many)
 
 
-def time_us(fn, x, sets, reps=(2, 12), runs=5):
+def time_us(fn, x, sets, reps=(4, 24), runs=5):
     """Device microseconds per call of fn(x, *sets[k]).
 
     Each call's query is the previous call's output, so no call is merged or dropped; input sets rotate so that
@@ -143,7 +143,7 @@ def num_sets(nbytes):
 
 
 def decode_rows(args, quick):
-    batches = [16, 64] if quick else [16, 64, 256]
+    batches = [16, 256] if quick else [16, 64, 256]
     lengths = [1024, 8192] if quick else [512, 1024, 4096, 8192]
     shapes = [(32, 8, 128), (9, 3, 64)]
     for (h, kvh, d) in shapes:
@@ -196,7 +196,7 @@ def decode_case(bsz, L, h, kvh, d, args):
 
 
 def prefill_rows(args):
-    for T in ([2048] if args.quick else [2048, 8192]):
+    for T in ([8192] if args.quick else [2048, 8192]):
         yield from prefill_case(T, 32, 8, 128, "prefill", [T], [T], args)
         # mixed: four prefill chunks of T/4 on cached prefixes of 1k, plus 64 decodes at 2k context
         q_lens = [T // 4] * 4 + [1] * 64
@@ -257,6 +257,10 @@ def main():
     args = p.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     bw = copy_bandwidth()
+    print(json.dumps(dict(part="copy", bytes_per_s=bw)), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(dict(part="copy", bytes_per_s=bw)) + "\n")
     rows = []
     parts = args.part.split(",")
     gens = ([decode_rows(args, args.quick)] if "decode" in parts else []) + (
