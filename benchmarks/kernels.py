@@ -62,7 +62,8 @@ def time_us(fn, x, sets, reps=(4, 24), runs=5):
 def copy_bandwidth(gib=4):
     """Bytes read + written per second of a device-to-device elementwise copy of a large bf16 array."""
     x = jax.random.normal(jax.random.key(0), (gib * 2**29,), jnp.bfloat16)
-    us = time_us(lambda a: jax.lax.optimization_barrier(a * 1.001), x, [()])  # barrier: no fusion of the chain
+    # -a: exact in bf16 (a * 1.001 rounds to a * 1 and folds away); the barrier keeps XLA from fusing the chain
+    us = time_us(lambda a: jax.lax.optimization_barrier(-a), x, [()])
     return 2 * x.nbytes / (us * 1e-6)
 
 
@@ -143,8 +144,8 @@ def num_sets(nbytes):
 
 
 def decode_rows(args, quick):
-    batches = [16, 256] if quick else [16, 64, 256]
-    lengths = [1024, 8192] if quick else [512, 1024, 4096, 8192]
+    batches = args.batches or ([16, 256] if quick else [16, 64, 256])
+    lengths = args.lengths or ([1024, 8192] if quick else [512, 1024, 4096, 8192])
     shapes = [(32, 8, 128), (9, 3, 64)]
     for (h, kvh, d) in shapes:
         for bsz in batches:
@@ -251,6 +252,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--sweep", default="", help="parts (decode,prefill) where other tile configs of ours are timed")
+    p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
+    p.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None)
     p.add_argument("--other", action="store_true", help="time jaxpaged.kernels.gpu in decode too")
     p.add_argument("--part", default="decode,prefill")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
