@@ -1,8 +1,9 @@
 """The attention entry point the model calls, dispatching to the reference or a Pallas kernel."""
 
 import jax
+import jax.numpy as jnp
 
-from jaxpaged.kernels.reference import ragged_paged_attention_reference
+from jaxpaged.kernels.reference import ragged_paged_attention_reference, token_layout, write_kv_pages
 
 IMPLS = ("auto", "reference", "gpu", "tpu")
 
@@ -40,10 +41,52 @@ def ragged_paged_attention(
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if impl == "reference":
         return ragged_paged_attention_reference(*args, sm_scale=sm_scale)
-    if impl == "gpu":
-        from jaxpaged.kernels.gpu import ragged_paged_attention_gpu
+    if impl == "gpu":  # the split-K kernel: faster than jaxpaged.kernels.gpu on every H100 case measured
+        from jaxpaged.kernels.gpu_split import ragged_paged_attention_gpu
 
         return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, interpret=interpret)
     from jaxpaged.kernels.tpu import ragged_paged_attention_tpu
 
     return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, interpret=interpret)
+
+
+def ragged_paged_attention_fused(
+    q: jax.Array,             # [T, num_q_heads, head_dim]
+    k_new: jax.Array,         # [T, num_kv_heads, head_dim]  the step's new keys, token-aligned with q
+    v_new: jax.Array,         # [T, num_kv_heads, head_dim]
+    k_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]
+    v_pages: jax.Array,       # same shape as k_pages
+    kv_lens: jax.Array,       # [S] int32, new tokens included
+    page_indices: jax.Array,  # [S, max_pages_per_seq] int32
+    cu_q_lens: jax.Array,     # [S + 1] int32
+    num_seqs: jax.Array,      # [1] int32
+    *,
+    sm_scale: float,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [T, H, D], k_pages, v_pages
+    """`write_kv_pages` of the new tokens (slots from the page table) followed by `ragged_paged_attention`.
+
+    On "gpu" both happen in the attention launches (the pages are aliased, so a donated pool is updated in
+    place); elsewhere it is the scatter then the attention. Padding tokens write nothing into real pages.
+    """
+    impl = resolve_impl(impl)
+    meta = (kv_lens, page_indices, cu_q_lens, num_seqs)
+    if impl == "gpu":
+        from jaxpaged.kernels.gpu_split import ragged_paged_attention_gpu_fused
+
+        return ragged_paged_attention_gpu_fused(q, k_new, v_new, k_pages, v_pages, *meta, sm_scale=sm_scale,
+                                                interpret=interpret)
+    k_pages, v_pages = write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping(k_pages.shape[1], *meta,
+                                                                                   q.shape[0]))
+    out = ragged_paged_attention(q, k_pages, v_pages, *meta, sm_scale=sm_scale, impl=impl, interpret=interpret)
+    return out, k_pages, v_pages
+
+
+def slot_mapping(page_size: int, kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens: int) -> jax.Array:
+    """[T] int32 pool slot (page * page_size + offset) of each new token; padding tokens map to page 0 slot 0."""
+    seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    pos = jnp.maximum(positions, 0)
+    page = jnp.take_along_axis(page_indices[seq_ids], (pos // page_size)[:, None], axis=1,
+                               mode="clip")[:, 0]
+    return jnp.where(live, page * page_size + pos % page_size, 0).astype(jnp.int32)

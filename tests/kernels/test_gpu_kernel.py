@@ -156,3 +156,24 @@ def test_compiled_on_gpu(case, heads, head_dim, dtype):
     for config in (GpuConfig(), GpuConfig(decode_splits=4)):
         check(*CASES[case], config=config, **kw)
     check_fused(*CASES[case], config=GpuConfig(decode_splits=4), **kw)
+
+
+@pytest.mark.parametrize("impl", ["reference", "gpu"])
+def test_ops_fused_entry_point(impl):
+    from jaxpaged.kernels.ops import ragged_paged_attention_fused
+
+    b = build([3, 1], [7, 12], pad_seqs=1)
+    slots = new_token_slots(b)
+    kvh, d = b.k_pages.shape[2:]
+    k_new = np.zeros((b.q.shape[0], kvh, d), np.float32)
+    v_new = np.zeros_like(k_new)
+    k_new[: len(slots)] = b.k_pages.reshape(-1, kvh, d)[slots]
+    v_new[: len(slots)] = b.v_pages.reshape(-1, kvh, d)[slots]
+    holes = b.k_pages.copy()
+    holes.reshape(-1, kvh, d)[slots] = 0
+    out, k_pages, _ = ragged_paged_attention_fused(b.q, k_new, v_new, holes, b.v_pages, *b.args()[3:],
+                                                   sm_scale=d ** -0.5, impl=impl, interpret=True)
+    assert_close(out, b, 2e-5)
+    live_pages = np.unique(b.page_indices[: int(b.num_seqs[0])])
+    live_pages = live_pages[live_pages > 0]
+    np.testing.assert_array_equal(np.asarray(k_pages)[live_pages], b.k_pages[live_pages])
