@@ -32,7 +32,12 @@ def main() -> int:
     for model, fmt in MODELS:
         vocab = 128 if fmt == "auto" else 32000
         prompts = [{"prompt_token_ids": rng.integers(0, vocab, size=n).tolist()} for n in (5, 23, 70, 1, 40)]
-        ref, gpu = greedy(model, fmt, "reference", prompts), greedy(model, fmt, "gpu", prompts)
+        try:
+            gpu = greedy(model, fmt, "gpu", prompts)
+        except ValueError as e:  # shapes the kernel does not take (e.g. head_dim 48)
+            print(f"{os.path.basename(model)}: impl=gpu unsupported: {str(e)[:120]}", flush=True)
+            continue
+        ref = greedy(model, fmt, "reference", prompts)
         same = ref == gpu
         failures += not same
         print(f"{os.path.basename(model)}: impl=gpu {'==' if same else '!='} impl=reference "
