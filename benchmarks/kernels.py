@@ -115,15 +115,6 @@ def ours(config=GpuConfig()):
     return lambda q, *rest, sm_scale: ragged_paged_attention_gpu(q, *rest, sm_scale=sm_scale, config=config)
 
 
-def other_gpu_kernel():
-    """The query-block kernel in jaxpaged.kernels.gpu (another implementation in this repo), if importable."""
-    try:
-        from jaxpaged.kernels.gpu import ragged_paged_attention_gpu as other
-    except ImportError:
-        return None
-    return lambda q, *rest, sm_scale: other(q, *rest, sm_scale=sm_scale)
-
-
 def shipped_decode(b: Batch, sm_scale, ppcb, k_splits):
     """JAX's shipped Triton paged attention; head-major pool layout, so the pool is transposed once, untimed."""
     from jax.experimental.pallas.ops.gpu import paged_attention as pa
@@ -172,9 +163,6 @@ def decode_case(bsz, L, h, kvh, d, args):
     if "decode" in args.sweep:
         for bk, st, w in [(32, 3, 4), (128, 2, 4), (64, 4, 4), (64, 3, 8)]:
             variants[f"ours_bk{bk}_st{st}_w{w}"] = ours(GpuConfig(decode_block_k=bk, decode_stages=st, decode_warps=w))
-    other = other_gpu_kernel() if args.other else None
-    if other is not None:
-        variants["gpu.py"] = other
     for name, fn in variants.items():
         check_and_time(row, name, functools.partial(fn, sm_scale=scale), b, ref, sets)
     best = None
@@ -216,9 +204,6 @@ def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
         for rows, bk, w, st in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)]:
             variants[f"ours_m{rows}_bk{bk}_w{w}_st{st}"] = ours(
                 GpuConfig(prefill_rows=rows, prefill_block_k=bk, prefill_warps=w, prefill_stages=st))
-    other = other_gpu_kernel()
-    if other is not None:
-        variants["gpu.py"] = other
     for name, fn in variants.items():
         check_and_time(row, name, functools.partial(fn, sm_scale=scale), b, ref, [b.args()[1:]])
     if kind == "prefill":  # cuDNN flash attention on the same tokens, K/V dense
@@ -254,7 +239,6 @@ def main():
     p.add_argument("--sweep", default="", help="parts (decode,prefill) where other tile configs of ours are timed")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
     p.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None)
-    p.add_argument("--other", action="store_true", help="time jaxpaged.kernels.gpu in decode too")
     p.add_argument("--part", default="decode,prefill")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
     args = p.parse_args()
