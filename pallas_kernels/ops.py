@@ -8,13 +8,19 @@ from jaxpaged.kernels.reference import ragged_paged_attention_reference, token_l
 IMPLS = ("auto", "reference", "gpu", "tpu")
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to the implementation for `jax.default_backend()`; validates explicit names."""
+def resolve_impl(impl: str, head_dim: int | None = None) -> str:
+    """Maps "auto" to the implementation for `jax.default_backend()`; validates explicit names.
+
+    "auto" keeps the reference for shapes the GPU kernel does not take (a head_dim that is not a power of two).
+    """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    impl = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    if impl == "gpu" and head_dim is not None and head_dim & (head_dim - 1):
+        return "reference"
+    return impl
 
 
 def ragged_paged_attention(
@@ -37,11 +43,11 @@ def ragged_paged_attention(
     `impl="auto"` picks the kernel for `jax.default_backend()`; `interpret=True` runs Pallas kernels in
     interpret mode (CPU tests).
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q.shape[-1])
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if impl == "reference":
         return ragged_paged_attention_reference(*args, sm_scale=sm_scale)
-    if impl == "gpu":  # the split-K kernel: faster than jaxpaged.kernels.gpu on every H100 case measured
+    if impl == "gpu":
         from jaxpaged.kernels.gpu_split import ragged_paged_attention_gpu
 
         return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, interpret=interpret)
@@ -70,7 +76,7 @@ def ragged_paged_attention_fused(
     On "gpu" both happen in the attention launches (the pages are aliased, so a donated pool is updated in
     place); elsewhere it is the scatter then the attention. Padding tokens write nothing into real pages.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q.shape[-1])
     meta = (kv_lens, page_indices, cu_q_lens, num_seqs)
     if impl == "gpu":
         from jaxpaged.kernels.gpu_split import ragged_paged_attention_gpu_fused

@@ -34,3 +34,14 @@ def test_write_kv_pages_puts_each_token_in_its_slot():
     np.testing.assert_array_equal(new_k[2, 3, 0], [4, 5])
     np.testing.assert_array_equal(new_v[2, 3, 0], [-4, -5])
     assert np.count_nonzero(new_k) == 5  # value 0 at slot 5 is the only zero written
+
+
+def test_auto_keeps_reference_for_head_dims_the_gpu_kernel_does_not_take(monkeypatch):
+    import jax
+
+    from jaxpaged.kernels import resolve_impl
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_impl("auto", 128) == "gpu"
+    assert resolve_impl("auto", 48) == "reference"
+    assert resolve_impl("gpu", 48) == "gpu"  # explicit choices are kept
