@@ -2,7 +2,7 @@
 
 import sys
 
-from jaxpaged.cli import main
+from jaxpaged.server.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    sys.exit(main())

@@ -1,134 +1,223 @@
-"""The FastAPI app: OpenAI-compatible endpoints, vLLM's error bodies, API keys, health and metrics."""
+"""The FastAPI app: vLLM's OpenAI-compatible endpoints, error bodies, API key, health, metrics, tokenize."""
 
+import asyncio
+import contextlib
+import hmac
 import logging
-import time
+from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxpaged.server.async_engine import AsyncLLMEngine
-from jaxpaged.server.metrics import ServerMetrics
-from jaxpaged.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                      error_body)
-from jaxpaged.server.serving import BadRequest, Serving
+from jaxpaged.config import EngineArgs
+from jaxpaged.server.async_engine import AsyncLLMEngine, EngineStepError
+from jaxpaged.server.metrics import CONTENT_TYPE, ServerMetrics
+from jaxpaged.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                      DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest,
+                                      TokenizeResponse, VersionResponse)
+from jaxpaged.server.serving_base import APIError, error_event
+from jaxpaged.server.serving_chat import OpenAIServingChat, render_chat
+from jaxpaged.server.serving_completions import OpenAIServingCompletion
 
 logger = logging.getLogger(__name__)
 
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+_ERROR_DOCS = {code: {"model": ErrorResponse} for code in (400, 404, 500, 503)}
 
-def _error(status: int, message: str, err_type: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, err_type, status, param), status_code=status)
 
-
-def _package_version() -> str:
+def package_version() -> str:
     try:
         return version("jaxpaged")
     except PackageNotFoundError:
         return "unknown"
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The server around a started (or starting) AsyncLLMEngine; `model_name` is what /v1/models lists."""
-    app = FastAPI(title="jaxpaged OpenAI-compatible server", version=_package_version())
-    metrics = ServerMetrics(lambda: engine.engine if engine.ready.is_set() else None, model_name)
-    serving = Serving(engine, model_name, metrics)
-    created = int(time.time())
+class APIKeyMiddleware:
+    """401 `{"error": "Unauthorized"}` on /v1/* without `Authorization: Bearer <key>` (as vLLM); pure ASGI, so
+    streaming and disconnect detection pass through untouched."""
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and \
-                request.headers.get("Authorization") != f"Bearer {api_key}":
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        return await call_next(request)
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                            for e in exc.errors()) or "invalid request"
-        return _error(400, message, "BadRequestError", loc[0] if loc else None)  # the top-level field
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self._expected):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception):
-        logger.exception("Request failed")
-        return _error(500, f"internal error: {exc}", "InternalServerError")
 
-    def unavailable() -> JSONResponse | None:
-        if engine.start_error is not None:
-            return _error(503, f"engine failed to start: {engine.start_error}", "ServiceUnavailableError")
-        if not engine.ready.is_set():
-            return _error(503, "the engine is still starting (loading and compiling)", "ServiceUnavailableError")
-        return None
+def _json(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 
-    def check_model(name: str | None) -> JSONResponse | None:
-        if name is not None and name != model_name:
-            return _error(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
-        return None
 
-    async def serve(req, handler):
-        if (err := unavailable() or check_model(req.model)) is not None:
-            return err
+def _error(e: APIError) -> Response:
+    return _json(e.body(), e.status)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work):
+    """Runs `work` (a coroutine) but cancels it if the client goes away first, so its engine request is aborted."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        listener.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        logger.info("Client disconnected from %s; request aborted", request.url.path)
+        return Response(status_code=499)
+    return task.result()
+
+
+async def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Waits for the first chunk before answering, so an error before any output is a proper HTTP error."""
+    first = await anext(chunks)
+
+    async def body():
+        yield first
         try:
-            result = await handler(req)
-        except BadRequest as e:
-            return _error(400, str(e), "BadRequestError", e.param)
-        except ValueError as e:
-            return _error(400, str(e), "BadRequestError")
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream")
+            async for chunk in chunks:
+                yield chunk
+        except Exception as e:  # the 200 is sent: report it in the stream (vLLM does the same), then end it
+            if not isinstance(e, (APIError, EngineStepError)):
+                logger.exception("Stream failed")
+            yield error_event(e)
+            yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await serve(req, serving.completion)
+    return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await serve(req, serving.chat)
 
-    @app.get("/v1/models")
-    async def models():
-        max_len = engine.engine.max_model_len if engine.ready.is_set() and engine.engine else None
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "jaxpaged", "root": model_name, "parent": None,
-                                            "max_model_len": max_len}]}
+def build_app(engine: EngineArgs | AsyncLLMEngine | None = None, *, api_key: str | None = None) -> FastAPI:
+    """The server app around an AsyncLLMEngine (built from EngineArgs, or given; None = default EngineArgs).
+
+    The engine thread starts with the app (lifespan), so uvicorn accepts connections at once and `/health` is
+    503 until the model is loaded and every bucket is compiled. An engine built here is shut down with the app.
+    """
+    owned = not isinstance(engine, AsyncLLMEngine)
+    async_engine = AsyncLLMEngine(engine) if owned else engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async_engine.start()
+        yield
+        if owned:
+            await asyncio.to_thread(async_engine.shutdown)
+
+    app = FastAPI(title="jaxpaged OpenAI-compatible server", version=package_version(), lifespan=lifespan)
+    app.state.engine = async_engine
+    metrics = ServerMetrics(async_engine.metrics, lambda: async_engine.model_name)
+    completions = OpenAIServingCompletion(async_engine, metrics)
+    chat = OpenAIServingChat(async_engine, metrics)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _add_error_handlers(app)
+
+    def check_ready() -> None:
+        if async_engine.start_error is not None:
+            raise APIError(f"The engine failed to start: {async_engine.start_error}", None, 503,
+                           "ServiceUnavailableError")
+        if not async_engine.is_ready:
+            raise APIError("The engine is starting (loading the model and compiling); retry when /health is 200.",
+                           None, 503, "ServiceUnavailableError")
+
+    async def serve(request: Request, handler, req) -> Response:
+        check_ready()
+        result = await _unless_disconnected(request, handler(req))
+        if isinstance(result, BaseModel):
+            return _json(result)
+        if isinstance(result, Response):
+            return result
+        return await _unless_disconnected(request, _sse_response(result))
+
+    @app.post("/v1/completions", responses=_ERROR_DOCS)
+    async def create_completion(req: CompletionRequest, request: Request) -> Response:
+        return await serve(request, completions.create, req)
+
+    @app.post("/v1/chat/completions", responses=_ERROR_DOCS)
+    async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Response:
+        return await serve(request, chat.create, req)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def show_models() -> Response:
+        check_ready()
+        name = async_engine.model_name
+        return _json(ModelList(data=[ModelCard(id=name, root=name, max_model_len=async_engine.max_model_len)]))
 
     @app.get("/health")
-    async def health():
-        return unavailable() or Response(status_code=200)
+    async def health() -> Response:
+        check_ready()
+        return Response(status_code=200)
 
     @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def show_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/version")
-    async def get_version():
-        return {"version": _package_version()}
+    @app.get("/version", response_model=VersionResponse)
+    async def show_version() -> Response:
+        return _json(VersionResponse(version=package_version()))
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        if (err := unavailable() or check_model(req.model)) is not None:
-            return err
-        tok = engine.tokenizer
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_DOCS)
+    async def tokenize(req: TokenizeRequest) -> Response:
+        check_ready()
+        completions.check_model(req.model)
         if req.messages is not None:
-            text = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok.encode(text, add_special_tokens=False)
-        elif req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            text = render_chat(async_engine.tokenizer, req.messages, req.add_generation_prompt)
+            ids = completions.encode(text, "messages", add_special_tokens=False)
         else:
-            return _error(400, "give `prompt` or `messages`", "BadRequestError", "prompt")
-        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+            ids = completions.encode(req.prompt, "prompt", req.add_special_tokens)
+        return _json(TokenizeResponse(count=len(ids), max_model_len=async_engine.max_model_len, tokens=ids))
 
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        if (err := unavailable() or check_model(req.model)) is not None:
-            return err
-        vocab = engine.engine.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            return _error(400, f"token ids must be in [0, {vocab})", "BadRequestError", "tokens")
-        return {"prompt": engine.tokenizer.decode(req.tokens)}
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_DOCS)
+    async def detokenize(req: DetokenizeRequest) -> Response:
+        check_ready()
+        completions.check_model(req.model)
+        completions.check_token_ids(req.tokens, "tokens")
+        return _json(DetokenizeResponse(prompt=async_engine.tokenizer.decode(req.tokens)))
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is `{"error": {"message", "type", "param", "code"}}`; pydantic / JSON errors are 400, not 422."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> Response:
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
+        errors = e.errors()
+        fields = [[str(x) for x in err.get("loc", ()) if x != "body"] for err in errors]
+        message = "; ".join(f"{'.'.join(f) or 'body'}: {err.get('msg')}" for f, err in zip(fields, errors))
+        param = fields[0][0] if fields and fields[0] and not fields[0][0].isdigit() else None
+        return _error(APIError(message or "invalid request", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        return _error(APIError(str(e.detail), None, e.status_code, _ERROR_TYPES.get(e.status_code, "HTTPError")))
+
+    @app.exception_handler(EngineStepError)
+    async def engine_error(_: Request, e: EngineStepError) -> Response:
+        return _error(APIError(str(e), None, 500, "InternalServerError"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> Response:
+        logger.exception("Request failed")
+        return _error(APIError(f"{type(e).__name__}: {e}", None, 500, "InternalServerError"))

@@ -1,58 +1,120 @@
 """AsyncLLMEngine: the synchronous LLMEngine driven by one background thread, with an asyncio queue per request."""
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from jaxpaged.config import EngineArgs
-from jaxpaged.engine import LLMEngine, PromptType
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncLLMEngine:
-    """Owns an LLMEngine on a background thread.
+class EngineStepError(RuntimeError):
+    """The engine failed while a request was in flight (the request is aborted; the server keeps serving)."""
 
-    The thread builds the engine (model load + compilation), then loops: drain the inbox of add/abort commands
-    (blocking when there is no work), run one `step()`, hand each output to its request's asyncio queue through
-    `loop.call_soon_threadsafe`. A failing `add_request` fails that request only; a failing step fails the requests
-    in flight and the loop goes on.
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    added: bool = False  # the engine accepted it (only the engine thread sets this)
+
+
+def _default_factory(args: EngineArgs):
+    from jaxpaged.engine import LLMEngine
+
+    return LLMEngine(args)
+
+
+class AsyncLLMEngine:
+    """Owns an LLMEngine on one background thread; the event loop never touches the engine or the device.
+
+    The thread builds the engine (model load + warm-up compilation; `ready` is set afterwards), then loops: apply
+    the inbox of add/abort commands (blocking on it while the engine has no work), run one `step()`, hand each
+    output to its request's asyncio queue through `loop.call_soon_threadsafe`. A failing `add_request` fails that
+    request only; a failing `step()` fails the requests in flight and the loop goes on. Metrics are snapshotted on
+    the engine thread after every iteration, so a scrape never reads the engine's state from another thread.
+
+    `engine_factory(args)` builds the engine (default: `LLMEngine`); tests pass a fake.
     """
 
-    def __init__(self, args: EngineArgs, engine: LLMEngine | None = None):
-        self.args = args
-        self.engine = engine
-        self.ready = threading.Event()
+    def __init__(self, args: EngineArgs | None = None, engine_factory: Callable | None = None):
+        self.args = args or EngineArgs()
+        self._factory = engine_factory or _default_factory
+        self.engine = None
+        self.ready = threading.Event()  # set when the engine is built (or failed: see start_error)
         self.start_error: BaseException | None = None
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread = threading.Thread(target=self._run, name="jaxpaged-engine", daemon=True)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams (event loop thread and engine thread)
+        self._metrics: list = []
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        """Starts the engine thread (idempotent); returns at once, `ready` tells when the engine is built."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="jaxpaged-engine", daemon=True)
+            self._thread.start()
 
-    def shutdown(self) -> None:
-        self._inbox.put(("stop", None, None))
-        self._thread.join(timeout=30)
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops the loop after the current step; requests still in flight fail."""
+        if self._thread is not None:
+            self._inbox.put(("stop", None, None))
+            self._thread.join(timeout)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready.is_set() and self.start_error is None
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
-    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        model = getattr(self.engine, "model", None)
+        return model.config.vocab_size if model is not None else len(self.engine.tokenizer)
+
+    def metrics(self) -> list:
+        """The engine's `get_metrics()` as of the end of its last loop iteration (empty before start-up)."""
+        return self._metrics
+
+    # ---- requests (event loop side) -------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int] | dict, params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative RequestOutputs until the request finishes; closing the iterator aborts it."""
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        """Yields cumulative RequestOutputs until the request finishes.
+
+        Raises ValueError if the engine rejects the request, EngineStepError if the engine fails while it runs.
+        Leaving the iteration early (a client disconnect cancels the task; `aclose()`) aborts the request.
+        """
+        if not self.is_ready:
+            raise RuntimeError("the engine is not ready")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = stream
         self._inbox.put(("add", request_id, (prompt, params)))
         finished = False
         try:
             while not finished:
-                item = await outputs.get()
+                item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -63,31 +125,42 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+        """Forgets the request now and frees its pages on the engine thread's next iteration."""
+        with self._lock:
+            self._streams.pop(request_id, None)
         self._inbox.put(("abort", request_id, None))
+
+    # ---- engine thread ----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            if self.engine is None:
-                self.engine = LLMEngine(self.args)
-        except BaseException as e:  # surfaced by /health and the server start-up
+            self.engine = self._factory(self.args)
+            self._metrics = self.engine.get_metrics()
+        except BaseException as e:  # reported by /health and the CLI
             logger.exception("Engine start-up failed")
             self.start_error = e
             return
         finally:
             self.ready.set()
-        while self._drain(block=not self.engine.has_unfinished_requests()):
-            try:
-                outputs = self.engine.step()
-            except Exception as e:
-                logger.exception("Engine step failed; failing the requests in flight")
-                self._fail_all(e)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out, out.finished)
+        logger.info("Engine ready: %s, max_model_len=%d", self.engine.model_name, self.engine.max_model_len)
+        while self._apply_commands(block=not self.engine.has_unfinished_requests()):
+            if self.engine.has_unfinished_requests():
+                self._step()
+            self._metrics = self.engine.get_metrics()
+        self._fail_all(EngineStepError("the server is shutting down"))
 
-    def _drain(self, block: bool) -> bool:
-        """Applies queued commands; returns False on shutdown."""
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("Engine step failed; failing the requests in flight")
+            self._fail_all(EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out, out.finished)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Applies queued add/abort commands (waiting for one if `block`); False on shutdown."""
         commands = [self._inbox.get()] if block else []
         while True:
             try:
@@ -98,22 +171,43 @@ class AsyncLLMEngine:
             if kind == "stop":
                 return False
             if kind == "abort":
-                self.engine.abort_request([request_id])
-            elif request_id in self._streams:
-                try:
-                    self.engine.add_request(request_id, *payload)
-                except Exception as e:
-                    self._deliver(request_id, e, True)
+                self._abort_in_engine([request_id])
+            else:
+                self._add(request_id, *payload)
         return True
 
+    def _add(self, request_id: str, prompt, params: SamplingParams) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:  # aborted before the engine saw it
+            return
+        try:
+            self.engine.add_request(request_id, prompt, params)
+            stream.added = True
+        except Exception as e:  # ValueError for a bad request; anything else is that request's failure too
+            if not isinstance(e, ValueError):
+                logger.exception("add_request(%s) failed", request_id)
+            self._deliver(request_id, e, last=True)
+
+    def _abort_in_engine(self, request_ids: list[str]) -> None:
+        try:
+            self.engine.abort_request(request_ids)
+        except Exception:
+            logger.exception("abort_request(%s) failed", request_ids)
+
     def _fail_all(self, error: Exception) -> None:
-        ids = list(self.engine.groups)
-        self.engine.abort_request(ids)
+        with self._lock:
+            ids = [rid for rid, s in self._streams.items() if s.added]
+        self._abort_in_engine(ids)
         for request_id in ids:
-            self._deliver(request_id, RuntimeError(f"engine step failed: {error}"), True)
+            self._deliver(request_id, error, last=True)
 
     def _deliver(self, request_id: str, item, last: bool) -> None:
-        entry = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if entry is not None:
-            loop, outputs = entry
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is None:
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            pass

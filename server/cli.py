@@ -1,59 +1,93 @@
-"""`jaxpaged serve` / `python -m jaxpaged.server`: flags with vLLM's spelling, uvicorn start-up."""
+"""`jaxpaged serve` / `python -m jaxpaged.server`: vLLM's flag spelling, the engine thread, uvicorn."""
 
 import argparse
+import dataclasses
 import logging
+import os
+import sys
+import threading
 
-from jaxpaged.config import EngineArgs
+from jaxpaged.config import ATTENTION_IMPLS, DTYPES, LOAD_FORMATS, EngineArgs
 
 logger = logging.getLogger(__name__)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
+    """Adds the server's and the engine's flags (vLLM's names) to `p`; returns it."""
+    p.add_argument("model_tag", nargs="?", default=None, help="the model, as in `vllm serve MODEL` (or --model)")
+    p.add_argument("--model", default=None,
+                   help="HF model dir, .gguf file, orbax dir or dummy config (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=os.environ.get("JAXPAGED_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $JAXPAGED_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send and /v1/models lists")
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--attention-impl", default="auto")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
+    p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
 
-def engine_args(args: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching, num_gpu_blocks_override=args.num_gpu_blocks_override,
-        seed=args.seed, load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
-        attention_impl=args.attention_impl, served_model_name=args.served_model_name)
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    """EngineArgs from parsed flags: every EngineArgs field that has a flag of the same name."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
+    values["model"] = args.model or getattr(args, "model_tag", None)
+    return EngineArgs(**values)
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Starts the engine thread, then serves; /health turns 200 once warm-up compilation is done."""
+    """Serves until interrupted; /health turns 200 after warm-up. Returns 1 if the engine fails to start."""
     import uvicorn
 
-    from jaxpaged.models.loader import EMBEDDED_MODEL
     from jaxpaged.server.app import build_app
     from jaxpaged.server.async_engine import AsyncLLMEngine
 
-    eargs = engine_args(args)
-    name = args.served_model_name or (args.model or EMBEDDED_MODEL)
-    engine = AsyncLLMEngine(eargs)
-    engine.start()
-    app = build_app(engine, name, args.api_key)
-    logger.info("Serving %s on http://%s:%d/v1 (ready on /health after warm-up)", name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    engine = AsyncLLMEngine(engine_args_from(args))
+    app = build_app(engine, api_key=args.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level))
+    url = f"http://{args.host}:{args.port}"
+
+    def announce() -> None:
+        engine.ready.wait()
+        if engine.start_error is not None:
+            server.should_exit = True
+            return
+        logger.info("Serving %s at %s/v1 (OpenAI-compatible; /health, /metrics)%s", engine.model_name, url,
+                    " with an API key" if args.api_key else "")
+
+    logger.info("Starting the engine (loading and compiling); %s/health is 503 until it is ready", url)
+    threading.Thread(target=announce, name="jaxpaged-announce", daemon=True).start()
+    server.run()
+    if engine.start_error is not None:
+        logger.error("The engine failed to start: %s", engine.start_error)
+        return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jaxpaged.server [flags]`."""
+    # Before JAX starts: let it take most of an accelerator, as vLLM does (gpu_memory_utilization plans within it).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    parser = add_serve_args(argparse.ArgumentParser(prog="python -m jaxpaged.server",
+                                                    description="jaxpaged OpenAI-compatible server"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_server(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

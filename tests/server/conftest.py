@@ -1,43 +1,30 @@
-"""One server per test session: the embedded model behind uvicorn on 127.0.0.1, in this process."""
+"""One real server for the whole server suite: the embedded model behind uvicorn on 127.0.0.1, in this process.
 
-import socket
-import threading
+Session-scoped so the model load and bucket compilation are paid once for every file (FakeEngine tests start
+their own servers and need no model).
+"""
 
 import httpx
 import pytest
-import uvicorn
 
 from jaxpaged.config import EngineArgs
 from jaxpaged.server.app import build_app
 from jaxpaged.server.async_engine import AsyncLLMEngine
+from tests.server.helpers import serve_in_thread
 
 MODEL = "smollm2"
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_MODEL_LEN = 1024
 
 
 @pytest.fixture(scope="session")
 def server():
-    """Yields (base_url, AsyncLLMEngine) once the engine is warm and uvicorn is accepting connections."""
-    engine = AsyncLLMEngine(EngineArgs(dtype="float32", max_model_len=1024, max_num_seqs=16,
+    """(base_url, AsyncLLMEngine) once the engine is warm and uvicorn is accepting connections."""
+    engine = AsyncLLMEngine(EngineArgs(dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=16,
                                        max_num_batched_tokens=128, seed=0, served_model_name=MODEL))
-    engine.start()
-    port = free_port()
-    config = uvicorn.Config(build_app(engine, MODEL, API_KEY), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    assert engine.ready.wait(600) and engine.start_error is None
-    while not srv.started:
-        thread.join(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(30)
+    with serve_in_thread(build_app(engine, api_key=API_KEY)) as url:
+        assert engine.ready.wait(900) and engine.start_error is None, engine.start_error
+        yield url, engine
     engine.shutdown()
 
 

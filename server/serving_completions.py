@@ -1,0 +1,99 @@
+"""POST /v1/completions: prompts -> engine requests -> a CompletionResponse or SSE chunks, as vLLM serves them."""
+
+from collections.abc import AsyncIterator
+
+from jaxpaged.outputs import CompletionOutput, RequestOutput
+from jaxpaged.server.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
+                                      CompletionResponseChoice, CompletionStreamResponse, UsageInfo)
+from jaxpaged.server.serving_base import APIError, OpenAIServing, merge_async_iterators, random_id, sse
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """Each prompt of a request is one engine request `{id}-{i}`; its `n` choices get indices `i * n + j`."""
+
+    def prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) of each prompt; a string, token ids, or a list of either."""
+        p = req.prompt
+        items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not items:
+            raise APIError("The prompt is empty; give at least one prompt.", "prompt")
+        prompts = []
+        for item in items:
+            text, ids = (item, self.encode(item, "prompt")) if isinstance(item, str) else (None, list(item))
+            self.check_prompt(ids, "prompt")
+            prompts.append((text, ids))
+        return prompts
+
+    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        """Validates everything first (APIError), then runs; returns the response or a primed SSE iterator."""
+        self.check_model(req.model)
+        prompts = self.prompts(req)
+        subs = [({"prompt": text, "prompt_token_ids": ids} if text is not None else {"prompt_token_ids": ids},
+                 self.sampling_params(req, self.max_tokens(req.max_tokens, len(ids)), req.logprobs))
+                for text, ids in prompts]
+        request_id = random_id("cmpl")
+        outputs = merge_async_iterators(*(self.generate(prompt, params, f"{request_id}-{i}")
+                                          for i, (prompt, params) in enumerate(subs)))
+        if req.stream:
+            return self._stream(req, request_id, prompts, outputs)
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in outputs:
+            finals[i] = out
+        return self._response(req, request_id, prompts, [finals[i] for i in range(len(prompts))])
+
+    def _response(self, req, request_id: str, prompts, finals: list[RequestOutput]) -> CompletionResponse:
+        choices, usage = [], UsageInfo()
+        for i, ((text, ids), out) in enumerate(zip(prompts, finals)):
+            for c in out.outputs:
+                choices.append(self._choice(req, i * req.n + c.index, c, self._echo(req, text, ids), 0, 0))
+            usage.add(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+    def _echo(self, req, text: str | None, ids: list[int]) -> str:
+        if not req.echo:
+            return ""
+        return text if text is not None else self.engine.tokenizer.decode(ids)
+
+    def _choice(self, req, index: int, c: CompletionOutput, prefix: str, chars: int, toks: int
+                ) -> CompletionResponseChoice:
+        """The part of choice `c` after `chars` characters / `toks` tokens, `prefix` (the echo) in front."""
+        logprobs = None
+        if req.logprobs is not None and c.logprobs:
+            logprobs = self._logprobs(c, toks, chars + len(prefix) if chars else len(prefix))
+        return CompletionResponseChoice(index=index, text=prefix + c.text[chars:], logprobs=logprobs,
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+    def _logprobs(self, c: CompletionOutput, start: int, offset: int) -> CompletionLogProbs:
+        """Legacy completions logprobs of tokens [start:]: text pieces, their logprobs, top alternatives."""
+        lp = CompletionLogProbs()
+        for token_id, top in zip(c.token_ids[start:], c.logprobs[start:]):
+            piece = self.piece(token_id)
+            lp.tokens.append(piece)
+            lp.token_logprobs.append(top[token_id].logprob)
+            lp.top_logprobs.append({self.piece(t): x.logprob for t, x in top.items()})
+            lp.text_offset.append(offset)
+            offset += len(piece)
+        return lp
+
+    async def _stream(self, req, request_id: str, prompts, outputs) -> AsyncIterator[str]:
+        """SSE chunks: one per choice that progressed (text delta, new tokens' logprobs), then usage, then [DONE]."""
+        sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already sent
+        done: set[int] = set()
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in outputs:
+            finals[i] = out
+            for c in out.outputs:
+                index = i * req.n + c.index
+                chars, toks = sent.get(index, (0, 0))
+                if index in done or (len(c.text) == chars and len(c.token_ids) == toks and not c.finished()):
+                    continue
+                prefix = self._echo(req, *prompts[i]) if index not in sent else ""
+                sent[index] = (len(c.text), len(c.token_ids))
+                if c.finished():
+                    done.add(index)
+                choice = self._choice(req, index, c, prefix, chars, toks)
+                yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[choice]))
+        if req.include_usage:
+            usage = self._response(req, request_id, prompts, [finals[i] for i in range(len(prompts))]).usage
+            yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[], usage=usage))
+        yield sse("[DONE]")
