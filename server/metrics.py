@@ -2,7 +2,8 @@
 
 Engine values come from `AsyncLLMEngine.metrics()` (the engine thread's snapshot of `LLMEngine.get_metrics()`);
 counters get Prometheus' `_total` suffix, as vLLM's do (`vllm:prompt_tokens_total`). Histograms use vLLM's bucket
-boundaries and are observed by the serving code. Every series carries the `model_name` label, as in vLLM.
+boundaries and are observed by the serving code. Every series carries vLLM's labels `model_name` and `engine`
+(always "0": one engine per server).
 """
 
 import time
@@ -15,6 +16,8 @@ from prometheus_client.registry import Collector
 from jaxpaged.metrics import Counter
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LABELS = ["model_name", "engine"]
+_ENGINE = "0"
 
 _BUCKETS_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                  40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -49,8 +52,8 @@ class _EngineCollector(Collector):
         label = self._model_name()
         for m in metrics:
             family = (CounterMetricFamily if isinstance(m, Counter) else GaugeMetricFamily)(
-                m.name, _DOCS.get(m.name, m.name), labels=["model_name"])
-            family.add_metric([label], m.value)
+                m.name, _DOCS.get(m.name, m.name), labels=_LABELS)
+            family.add_metric([label, _ENGINE], m.value)
             yield family
 
 
@@ -63,7 +66,7 @@ class ServerMetrics:
         self._model_name = model_name
 
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+            return Histogram(name, doc, _LABELS, buckets=buckets, registry=self.registry)
 
         self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                          _BUCKETS_TTFT)
@@ -83,9 +86,9 @@ class RequestTimer:
     """Observes one engine request's latencies as its outputs arrive (from its arrival at the server)."""
 
     def __init__(self, metrics: ServerMetrics, model_name: str):
-        self._ttft = metrics.ttft.labels(model_name)
-        self._itl = metrics.itl.labels(model_name)
-        self._e2e = metrics.e2e.labels(model_name)
+        self._ttft = metrics.ttft.labels(model_name, _ENGINE)
+        self._itl = metrics.itl.labels(model_name, _ENGINE)
+        self._e2e = metrics.e2e.labels(model_name, _ENGINE)
         self._start = self._last = time.monotonic()
         self._tokens = 0
 

@@ -58,8 +58,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 ) -> CompletionResponseChoice:
         """The part of choice `c` after `chars` characters / `toks` tokens, `prefix` (the echo) in front."""
         logprobs = None
-        if req.logprobs is not None and c.logprobs:
-            logprobs = self._logprobs(c, toks, chars + len(prefix) if chars else len(prefix))
+        if req.logprobs is not None and c.logprobs:  # never with echo (rejected), so offsets start at `chars`
+            logprobs = self._logprobs(c, toks, chars)
         return CompletionResponseChoice(index=index, text=prefix + c.text[chars:], logprobs=logprobs,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 

@@ -10,12 +10,15 @@ import httpx
 from tests.server.conftest import API_KEY, MODEL
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+VLLM_NAMES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+              "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
+              "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
 
 
 def scrape(url: str) -> dict[str, float]:
     """The vllm:* samples of /metrics (labels dropped)."""
     text = httpx.get(f"{url}/metrics").text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^(vllm:[a-z_]+)\{[^}]*\} ([0-9.e+-]+)$", text, re.M)}
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(vllm:[a-z_0-9]+)\{[^}]*\} ([0-9.e+-]+)$", text, re.M)}
 
 
 def wait_until_idle(url: str, timeout: float = 60) -> dict[str, float]:
@@ -58,11 +61,12 @@ def test_64_streams_with_early_disconnects_leave_no_leaks(server):
     assert all(r == (2, "disconnected") for i, r in enumerate(results) if i % 4 == 0)
     m = wait_until_idle(url)
     assert m["vllm:kv_cache_usage_perc"] == 0
+    assert set(VLLM_NAMES) <= set(m), set(VLLM_NAMES) - set(m)
     generated = m["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     assert 48 * 12 + 16 * 2 <= generated < 64 * 12  # the dropped streams stopped early
     text = httpx.get(f"{url}/metrics").text
     for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
-        assert re.search(rf'^vllm:{hist}_count{{model_name="{MODEL}"}} [1-9]', text, re.M), hist
+        assert re.search(rf'^vllm:{hist}_count{{engine="0",model_name="{MODEL}"}} [1-9]', text, re.M), hist
 
 
 def test_non_streaming_client_that_gives_up_aborts_its_request(server):
