@@ -72,13 +72,13 @@ def test_64_streams_with_early_disconnects_leave_no_leaks(server):
 def test_non_streaming_client_that_gives_up_aborts_its_request(server):
     url = server[0]
     before = scrape(url)["vllm:generation_tokens_total"]
-    body = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 400, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True}
     with httpx.Client(base_url=url, headers=AUTH, timeout=httpx.Timeout(30, read=1.0)) as c:
         try:
             c.post("/v1/completions", json=body)
-            raise AssertionError("400 tokens on CPU finished within the 1 s read timeout")
+            raise AssertionError("1000 tokens finished within the 1 s read timeout")
         except httpx.ReadTimeout:
             pass
     m = wait_until_idle(url)
     assert m["vllm:kv_cache_usage_perc"] == 0
-    assert m["vllm:generation_tokens_total"] - before < 400
+    assert m["vllm:generation_tokens_total"] - before < 1000
