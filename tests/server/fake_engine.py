@@ -40,7 +40,8 @@ class _Req:
 
 
 class FakeEngine:
-    """LLMEngine's API over `_Req`s; `aborted` records abort_request ids, `idle_steps` steps without work."""
+    """LLMEngine's API over `_Req`s; `aborted` records abort_request ids, `idle_steps` steps without work; the
+    events tell when a request was added / aborted."""
 
     model_name = "fake"
     max_model_len = 64
@@ -50,6 +51,7 @@ class FakeEngine:
         self.requests: dict[str, _Req] = {}
         self.aborted: list[str] = []
         self.abort_event = threading.Event()
+        self.added_event = threading.Event()
         self.idle_steps = 0
         self.generated = 0
         self._step_seconds = step_seconds  # stands for device time
@@ -63,6 +65,7 @@ class FakeEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.requests[request_id] = _Req(request_id, text, list(ids), params)
+        self.added_event.set()
 
     def abort_request(self, request_ids) -> None:
         for rid in request_ids:
