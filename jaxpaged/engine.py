@@ -1,7 +1,6 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run the jitted step -> update."""
 
 import dataclasses
-import itertools
 import logging
 import os
 import random
@@ -99,7 +98,6 @@ class LLMEngine:
         self.groups: dict[str, RequestGroup] = {}
         self.counters = EngineCounters()
         self._rng = random.Random(args.seed)
-        self._ids = itertools.count()
         self.runner.warm_up()
 
     def _resolve_max_model_len(self, requested: int | None, model_max: int) -> int:

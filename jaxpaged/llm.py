@@ -44,13 +44,16 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts; "
                                  "give one SamplingParams or one per prompt.")
         engine = self.llm_engine
+        tokenized = []
         for i, prompt in enumerate(prompts):
             try:
-                engine.validate_prompt(engine.tokenize_prompt(prompt)[1])
+                text, token_ids = engine.tokenize_prompt(prompt)
+                engine.validate_prompt(token_ids)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})  # tokenized once
         ids = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p in zip(tokenized, params):
             ids.append(str(self._counter))
             self._counter += 1
             engine.add_request(ids[-1], prompt, p)
