@@ -1,18 +1,16 @@
 """Kernel micro-benchmarks on one GPU: ragged paged attention vs copy bandwidth, JAX's shipped paged kernel, cuDNN.
 
-    python3 benchmarks/kernels.py [--quick] [--part decode,prefill] [--out results.jsonl]
+    python3 benchmarks/kernels.py [--quick] [--part decode,prefill,fused] [--sweep decode,prefill] [--out r.jsonl]
 
 Every kernel is first checked against the pure-JAX reference on the benchmark inputs (compiled, on the GPU), then
-timed: `reps` calls unrolled in one jitted function (chained through an optimization barrier, so none is merged
-or hoisted), median of several runs, divided by `reps`. Ratios compare figures of the same run only.
+timed by `time_us`: chained calls unrolled in one jitted function, page tables rotating over disjoint page sets so
+that K/V come from HBM, not L2. Ratios compare figures of the same run only.
 """
 
 import argparse
 import dataclasses
 import functools
 import json
-import statistics
-import sys
 import time
 import warnings
 
@@ -20,117 +18,130 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.kernels import ragged_paged_attention_reference
-from jaxpaged.kernels.gpu_split import GpuConfig, decode_splits, ragged_paged_attention_gpu
+from jaxpaged.kernels import ragged_paged_attention_reference, write_kv_pages
+from jaxpaged.kernels.gpu_split import (GpuConfig, decode_splits, ragged_paged_attention_gpu,
+                                       ragged_paged_attention_gpu_fused)
+from jaxpaged.kernels.ops import slot_mapping
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def chained(fn, reps, num_sets):
-    """jit of `reps` dependent calls: out_i = fn(out_{i-1}, *sets[i % num_sets]) (an output is the next query)."""
+    """jit of `reps` dependent calls x = fn(x, tables[i % num_sets], *fixed): an output is the next query."""
 
-    def many(x, *flat):
-        n = len(flat) // num_sets
+    def many(x, tables, *fixed):
         for i in range(reps):
-            x = fn(x, *flat[(i % num_sets) * n:(i % num_sets + 1) * n])
+            x = fn(x, tables[i % num_sets], *fixed)
         return x
 
     return jax.jit(many)
 
 
-def time_us(fn, x, sets, reps=(4, 24), runs=5):
-    """Device microseconds per call of fn(x, *sets[k]).
+def time_us(fn, x, tables, fixed=(), reps=(2, 10), runs=7):
+    """Device microseconds per call of fn(x, table, *fixed).
 
-    Each call's query is the previous call's output, so no call is merged or dropped; input sets rotate so that
-    repeated calls do not read their K/V from L2. Per-call time is the slope between `reps[0]` and `reps[1]`
-    chained calls (median of `runs`), which cancels the host's dispatch of the jitted function.
+    Each call's query is the previous call's output, so no call is merged or dropped; page tables rotate over
+    `tables` [num_sets, ...], disjoint pages of one pool, so that repeated calls do not read their K/V from L2.
+    Per-call time is the slope between `reps[0]` and `reps[1]` chained calls (fastest of `runs` each: host
+    jitter only adds time), which cancels the host's dispatch of the jitted function.
     """
-    flat = [a for s in sets for a in s]
-    med = []
+    best = []
     for r in reps:
-        f = chained(fn, r, len(sets))
-        jax.block_until_ready(f(x, *flat))  # compile + warm up
+        f = chained(fn, r, tables.shape[0])
+        jax.block_until_ready(f(x, tables, *fixed))  # compile + warm up
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            jax.block_until_ready(f(x, *flat))
+            jax.block_until_ready(f(x, tables, *fixed))
             times.append(time.perf_counter() - t)
-        med.append(statistics.median(times))
-    return (med[1] - med[0]) / (reps[1] - reps[0]) * 1e6
+        best.append(min(times))
+    return (best[1] - best[0]) / (reps[1] - reps[0]) * 1e6
 
 
 def copy_bandwidth(gib=4):
     """Bytes read + written per second of a device-to-device elementwise copy of a large bf16 array."""
     x = jax.random.normal(jax.random.key(0), (gib * 2**29,), jnp.bfloat16)
     # -a: exact in bf16 (a * 1.001 rounds to a * 1 and folds away); the barrier keeps XLA from fusing the chain
-    us = time_us(lambda a: jax.lax.optimization_barrier(-a), x, [()])
+    us = time_us(lambda a, _: jax.lax.optimization_barrier(-a), x, jnp.zeros((1,)))
     return 2 * x.nbytes / (us * 1e-6)
 
 
 @dataclasses.dataclass
 class Batch:
-    q: jax.Array
-    k_pages: jax.Array
+    q: jax.Array         # [T, H, D]
+    k_pages: jax.Array   # [num_pages, page_size, KVH, D]
     v_pages: jax.Array
-    kv_lens: jax.Array
-    table: jax.Array
-    cu: jax.Array
-    num_seqs: jax.Array
+    kv_lens: jax.Array   # [S]
+    tables: jax.Array    # [num_sets, S, max_pages]: disjoint page sets of the same batch
+    cu: jax.Array        # [S + 1]
+    num_seqs: jax.Array  # [1]
 
-    def args(self):
-        return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.table, self.cu, self.num_seqs)
+    def args(self, i=0):
+        return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.tables[i], self.cu, self.num_seqs)
 
 
-def make_batch(q_lens, kv_lens, heads, kv_heads, head_dim, page_size=16, dtype=jnp.bfloat16, seed=0):
-    """Random pool holding exactly the batch's pages (shuffled), page 0 the null page."""
+def make_batch(q_lens, kv_lens, heads, kv_heads, head_dim, page_size=16, dtype=jnp.bfloat16, num_sets=1, seed=0):
+    """Random pool holding `num_sets` disjoint copies of the batch's pages (shuffled), page 0 the null page."""
     rng = np.random.default_rng(seed)
     pages = [-(-n // page_size) for n in kv_lens]
-    num_pages = 1 + sum(pages)
-    max_pages = max(pages)
+    num_pages = 1 + num_sets * sum(pages)
     perm = rng.permutation(np.arange(1, num_pages)).astype(np.int32)
-    table = np.zeros((len(q_lens), max_pages), np.int32)
+    tables = np.zeros((num_sets, len(q_lens), max(pages)), np.int32)
     at = 0
-    for s, n in enumerate(pages):
-        table[s, :n] = perm[at:at + n]
-        at += n
+    for i in range(num_sets):
+        for s, n in enumerate(pages):
+            tables[i, s, :n] = perm[at:at + n]
+            at += n
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     k = jax.random.split(jax.random.key(seed), 3)
     shape = (num_pages, page_size, kv_heads, head_dim)
     return Batch(jax.random.normal(k[0], (int(cu[-1]), heads, head_dim), dtype),
                  jax.random.normal(k[1], shape, dtype), jax.random.normal(k[2], shape, dtype),
-                 jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table), jnp.asarray(cu),
+                 jnp.asarray(kv_lens, jnp.int32), jnp.asarray(tables), jnp.asarray(cu),
                  jnp.asarray([len(q_lens)], jnp.int32))
 
 
-def rel_err(out, ref, rows=None):
+def rel_err(out, ref):
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    if rows is not None:
-        out, ref = out[:rows], ref[:rows]
     if not np.isfinite(out).all():
         return float("inf")
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def ours(config=GpuConfig()):
-    return lambda q, *rest, sm_scale: ragged_paged_attention_gpu(q, *rest, sm_scale=sm_scale, config=config)
+def ours(config=GpuConfig(), sm_scale=1.0):
+    """fn(q, table, k_pages, v_pages, kv_lens, cu, num_seqs) of our kernel."""
+
+    def fn(q, table, k_pages, v_pages, kv_lens, cu, num_seqs):
+        return ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, table, cu, num_seqs, sm_scale=sm_scale,
+                                          config=config)
+
+    return fn
 
 
-def shipped_decode(b: Batch, sm_scale, ppcb, k_splits):
-    """JAX's shipped Triton paged attention; head-major pool layout, so the pool is transposed once, untimed."""
+def ours_fixed(b: Batch):
+    return (b.k_pages, b.v_pages, b.kv_lens, b.cu, b.num_seqs)
+
+
+def shipped_decode(sm_scale, ppcb, k_splits):
+    """fn(q, table, k_pages, v_pages, lengths) of JAX's shipped Triton paged attention (head-major pool)."""
     from jax.experimental.pallas.ops.gpu import paged_attention as pa
 
-    fn = functools.partial(pa.paged_attention, pages_per_compute_block=ppcb, k_splits=k_splits)
-    # the shipped kernel takes no scale: q is pre-scaled inside the timed function, as an engine would
-    return lambda q, kp, vp, table, lens: fn(q * sm_scale, kp, vp, table, lens)
+    def fn(q, table, k_pages, v_pages, lengths):
+        # the shipped kernel takes no scale: q is pre-scaled inside the timed function, as an engine would
+        return pa.paged_attention(q * sm_scale, k_pages, v_pages, table, lengths, pages_per_compute_block=ppcb,
+                                  k_splits=k_splits)
+
+    return fn
 
 
 def head_major(b: Batch):
+    """The shipped kernel's pool layout [KVH, num_pages, page_size, D], transposed once, untimed."""
     kp, vp = (jnp.transpose(x, (2, 0, 1, 3)) for x in (b.k_pages, b.v_pages))
-    return (kp, vp, b.table, b.kv_lens)
+    return (kp, vp, b.kv_lens)
 
 
 def num_sets(nbytes):
-    """Input sets to rotate so that one pass over them (>= 256 MB) does not fit in the 50 MB L2."""
+    """Page sets to rotate so that one pass over them (>= 256 MB) does not fit in the 50 MB L2."""
     return int(min(8, max(1, -(-256e6 // nbytes))))
 
 
@@ -144,43 +155,50 @@ def decode_rows(args, quick):
                 yield from decode_case(bsz, L, h, kvh, d, args)
 
 
-def check_and_time(row, name, fn, b, ref, sets):
-    err = rel_err(jax.jit(fn)(b.q, *sets[0]), ref)
+def check_and_time(row, name, fn, b, ref, fixed):
+    """Checks fn on set 0 against `ref`, then times it (only if it is right)."""
+    err = rel_err(jax.jit(fn)(b.q, b.tables[0], *fixed), ref)
     row[f"{name}_err"] = err
-    row[f"{name}_us"] = time_us(fn, b.q, sets) if err < 2e-2 else None
+    row[f"{name}_us"] = time_us(fn, b.q, b.tables, fixed) if err < 2e-2 else None
     return row[f"{name}_us"]
 
 
+def reference(b: Batch, sm_scale):
+    return jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=sm_scale))(*b.args())
+
+
+DECODE_SWEEP = {  # name: config of ours timed with --sweep decode
+    "ours_mb4": GpuConfig(min_blocks_per_split=4),
+    "ours_mb8": GpuConfig(min_blocks_per_split=8),
+    "ours_st4": GpuConfig(decode_stages=4),
+}
+PREFILL_SWEEP = {
+    "ours_m128_bk64_w8_st3": GpuConfig(prefill_rows=128, prefill_block_k=64, prefill_warps=8, prefill_stages=3),
+    "ours_m64_bk64_w4_st3": GpuConfig(prefill_rows=64, prefill_block_k=64, prefill_warps=4, prefill_stages=3),
+    "ours_m128_bk128_w8_st2": GpuConfig(prefill_rows=128, prefill_block_k=128, prefill_warps=8, prefill_stages=2),
+}
+
+
 def decode_case(bsz, L, h, kvh, d, args):
-    b = make_batch([1] * bsz, [L] * bsz, h, kvh, d)
+    kv_bytes = 2 * bsz * L * kvh * d * 2
+    b = make_batch([1] * bsz, [L] * bsz, h, kvh, d, num_sets=num_sets(kv_bytes))
     scale = d ** -0.5
-    kv_bytes = 2 * bsz * L * kvh * d * b.k_pages.dtype.itemsize
-    batches = [b] + [make_batch([1] * bsz, [L] * bsz, h, kvh, d, seed=i) for i in range(1, num_sets(kv_bytes))]
-    sets = [x.args()[1:] for x in batches]
-    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))(*b.args())
-    row = dict(part="decode", B=bsz, L=L, heads=f"{h}/{kvh}x{d}", kv_bytes=kv_bytes, sets=len(sets))
-    variants = {"ours": ours()}
-    if "decode" in args.sweep:
-        for bk, st, w in [(32, 3, 4), (128, 2, 4), (64, 4, 4), (64, 3, 8)]:
-            variants[f"ours_bk{bk}_st{st}_w{w}"] = ours(GpuConfig(decode_block_k=bk, decode_stages=st, decode_warps=w))
-    for name, fn in variants.items():
-        check_and_time(row, name, functools.partial(fn, sm_scale=scale), b, ref, sets)
+    ref = reference(b, scale)
+    row = dict(part="decode", B=bsz, L=L, heads=f"{h}/{kvh}x{d}", kv_bytes=kv_bytes, sets=int(b.tables.shape[0]))
+    variants = {"ours": GpuConfig(), **(DECODE_SWEEP if "decode" in args.sweep else {})}
+    for name, cfg in variants.items():
+        check_and_time(row, name, ours(cfg, scale), b, ref, ours_fixed(b))
     best = None
     pages = L // 16
-    hm_sets = [head_major(x) for x in batches]
-    for ppcb, ks in [(8, 1), (8, 4), (8, 16), (16, 1), (16, 16)]:  # the winners of a 2x3 sweep here
+    for ppcb, ks in [(8, 1), (8, 4), (16, 1), (16, 16)]:  # the winners of a wider sweep on this machine
         if pages % ks or (pages // ks) % min(ppcb, pages // ks):
             continue
-        try:
-            us = check_and_time({}, "x", shipped_decode(b, scale, ppcb, ks), b, ref, hm_sets)
-        except Exception as e:  # noqa: BLE001 - a config the shipped kernel rejects
-            print(f"shipped ppcb={ppcb} k_splits={ks}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
-            continue
+        us = check_and_time({}, "x", shipped_decode(scale, ppcb, ks), b, ref, head_major(b))
         if us is not None and (best is None or us < best[0]):
             best = (us, ppcb, ks)
     if best:
         row.update(shipped_us=best[0], shipped_cfg=f"ppcb={best[1]},k_splits={best[2]}")
-    row["splits"] = decode_splits(GpuConfig(), bsz, kvh, L)
+    row["splits"] = decode_splits(GpuConfig(), bsz, kvh, L, d)
     yield row
 
 
@@ -197,23 +215,51 @@ def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
     b = make_batch(q_lens, kv_lens, h, kvh, d)
     scale = d ** -0.5
     flops = sum(4 * h * d * (q * (n - q) + q * (q + 1) / 2) for q, n in zip(q_lens, kv_lens))
-    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))(*b.args())
+    ref = reference(b, scale)
     row = dict(part=kind, T=int(b.q.shape[0]), heads=f"{h}/{kvh}x{d}", flops=flops)
-    variants = {"ours": ours()}
-    if "prefill" in args.sweep:
-        for rows, bk, w, st in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)]:
-            variants[f"ours_m{rows}_bk{bk}_w{w}_st{st}"] = ours(
-                GpuConfig(prefill_rows=rows, prefill_block_k=bk, prefill_warps=w, prefill_stages=st))
-    for name, fn in variants.items():
-        check_and_time(row, name, functools.partial(fn, sm_scale=scale), b, ref, [b.args()[1:]])
+    variants = {"ours": GpuConfig(), **(PREFILL_SWEEP if "prefill" in args.sweep else {})}
+    for name, cfg in variants.items():
+        check_and_time(row, name, ours(cfg, scale), b, ref, ours_fixed(b))
     if kind == "prefill":  # cuDNN flash attention on the same tokens, K/V dense
         n = kv_lens[0]
-        kd = b.k_pages[b.table[0]].reshape(1, -1, kvh, d)[:, :n]
-        vd = b.v_pages[b.table[0]].reshape(1, -1, kvh, d)[:, :n]
-        cud = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-            q[None], k, v, scale=scale, is_causal=True, implementation="cudnn")[0]
-        check_and_time(row, "cudnn", cud, b, ref, [(kd, vd)])
+        kd = b.k_pages[b.tables[0, 0]].reshape(1, -1, kvh, d)[:, :n]
+        vd = b.v_pages[b.tables[0, 0]].reshape(1, -1, kvh, d)[:, :n]
+
+        def cudnn(q, table, k, v):
+            del table
+            return jax.nn.dot_product_attention(q[None], k, v, scale=scale, is_causal=True,
+                                                implementation="cudnn")[0]
+
+        check_and_time(row, "cudnn", cudnn, b, ref, (kd, vd))
     yield row
+
+
+def fused_rows(args):
+    """The engine's two ways to add a step's K/V: scatter then attention, or the fused kernel."""
+    cases = [("decode", [1] * 64, [1024] * 64), ("decode", [1] * 256, [4096] * 256),
+             ("mixed", [512] * 4 + [1] * 64, [1536] * 4 + [2048] * 64)]
+    for kind, q_lens, kv_lens in cases:
+        b = make_batch(q_lens, kv_lens, 32, 8, 128)
+        scale = 128 ** -0.5
+        t = b.q.shape[0]
+        k = jax.random.split(jax.random.key(1), 2)
+        kn, vn = (jax.random.normal(x, (t, 8, 128), jnp.bfloat16) for x in k)
+        meta = (b.kv_lens, b.tables[0], b.cu, b.num_seqs)
+        slots = slot_mapping(16, *meta, t)
+
+        def scatter(carry, _, kn, vn, *meta, slots=slots, scale=scale):
+            q, kp, vp = carry
+            kp, vp = write_kv_pages(kp, vp, kn, vn, slots)
+            return ragged_paged_attention_gpu(q, kp, vp, *meta, sm_scale=scale), kp, vp
+
+        def fused(carry, _, kn, vn, *meta, scale=scale):
+            return ragged_paged_attention_gpu_fused(carry[0], kn, vn, *carry[1:], *meta, sm_scale=scale)
+
+        row = dict(part="fused", kind=kind, B=len(q_lens), T=t, L=max(kv_lens))
+        x = (b.q, b.k_pages, b.v_pages)
+        for name, fn in (("scatter_then_attention", scatter), ("fused", fused)):
+            row[f"{name}_us"] = time_us(fn, x, jnp.zeros((1,)), (kn, vn, *meta))
+        yield row
 
 
 def table(rows, copy_bw):
@@ -224,6 +270,9 @@ def table(rows, copy_bw):
             cells = [f"{k} {v:.1f}us {r['kv_bytes'] / (v * 1e-6) / copy_bw:.0%}" for k, v in us.items()]
             lines.append(f"decode B={r['B']:<3} L={r['L']:<5} {r['heads']:<9} splits={r['splits']:<2} | "
                          + " | ".join(cells) + f" | shipped cfg {r.get('shipped_cfg')}")
+        elif r["part"] == "fused":
+            cells = [f"{k} {v:.1f}us" for k, v in us.items()]
+            lines.append(f"fused   {r['kind']:<6} B={r['B']:<3} T={r['T']:<5} L={r['L']:<5} | " + " | ".join(cells))
         else:
             cells = [f"{k} {v:.0f}us {r['flops'] / (v * 1e-6) / 1e12:.0f}TF/s" for k, v in us.items()]
             lines.append(f"{r['part']:<7} T={r['T']:<5} {r['heads']} | " + " | ".join(cells))
@@ -239,7 +288,7 @@ def main():
     p.add_argument("--sweep", default="", help="parts (decode,prefill) where other tile configs of ours are timed")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
     p.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None)
-    p.add_argument("--part", default="decode,prefill")
+    p.add_argument("--part", default="decode,prefill,fused", help="comma-separated: decode, prefill, fused")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
     args = p.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
@@ -250,8 +299,9 @@ def main():
             f.write(json.dumps(dict(part="copy", bytes_per_s=bw)) + "\n")
     rows = []
     parts = args.part.split(",")
-    gens = ([decode_rows(args, args.quick)] if "decode" in parts else []) + (
-        [prefill_rows(args)] if "prefill" in parts else [])
+    gens = {"decode": lambda: decode_rows(args, args.quick), "prefill": lambda: prefill_rows(args),
+            "fused": lambda: fused_rows(args)}
+    gens = [gens[part]() for part in parts]
     for gen in gens:
         for row in gen:
             rows.append(row)

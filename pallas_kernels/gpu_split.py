@@ -45,7 +45,7 @@ class GpuConfig:
     prefill_warps: int = 4
     prefill_stages: int = 2
     decode_rows: int = 16         # tensor-core minimum; rows past G are dead
-    decode_block_k: int = 64
+    decode_block_k: int | None = None  # None: 8192 // head_dim keys (16 KiB of bf16 K per block)
     decode_warps: int = 4
     decode_stages: int = 3
     decode_splits: int | None = None  # None: enough programs for ~4 waves of 132 SMs
@@ -294,11 +294,16 @@ def _combine_kernel(kv_lens_ref, cu_ref, nseq_ref, op_ref, mp_ref, lp_ref, o_in_
     _store_rows(o_ref, (jnp.minimum(q_lo, num_tokens - 1),), heads, out.astype(o_ref.dtype), live)
 
 
-def decode_splits(cfg: "GpuConfig", num_seqs_max: int, num_kv_heads: int, max_kv: int) -> int:
+def decode_block_k(cfg: GpuConfig, head_dim: int) -> int:
+    """Keys per decode block: the configured count, else 8192 // head_dim (at least 16)."""
+    return cfg.decode_block_k or max(16, 8192 // head_dim)
+
+
+def decode_splits(cfg: GpuConfig, num_seqs_max: int, num_kv_heads: int, max_kv: int, head_dim: int) -> int:
     """Static split count: ~4 waves of programs on 132 SMs, no more splits than key blocks allow."""
     if cfg.decode_splits is not None:
         return cfg.decode_splits
-    most = max(1, pl.cdiv(pl.cdiv(max_kv, cfg.decode_block_k), cfg.min_blocks_per_split))
+    most = max(1, pl.cdiv(pl.cdiv(max_kv, decode_block_k(cfg, head_dim)), cfg.min_blocks_per_split))
     want = pl.cdiv(4 * 132, num_seqs_max * num_kv_heads)
     return max(1, min(_pow2(want), _pow2(most)))
 
@@ -334,7 +339,8 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
     if fused:
         k_pages, v_pages = pages
 
-    splits = decode_splits(cfg, num_seqs_max, num_kv_heads, max_pages * page_size)
+    splits = decode_splits(cfg, num_seqs_max, num_kv_heads, max_pages * page_size, head_dim)
+    block_k = decode_block_k(cfg, head_dim)
     if splits == 1:  # write the output rows in place of the prefill launch's
         outs, aliases, extra = [jax.ShapeDtypeStruct(q.shape, q.dtype)], {7 + len(new): 0}, (out,)
     else:
@@ -346,7 +352,7 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
         aliases.update({5: len(outs), 6: len(outs) + 1})
     res = pl.pallas_call(
         functools.partial(_decode_kernel, group=group, rows=max(cfg.decode_rows, _pow2(group)),
-                          block_k=cfg.decode_block_k, scale=scale, splits=splits,
+                          block_k=block_k, scale=scale, splits=splits,
                           min_blocks=cfg.min_blocks_per_split, fused=fused),
         grid=(num_seqs_max, num_kv_heads, splits),
         out_shape=outs + pages_out,
@@ -360,7 +366,7 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
     else:
         out = pl.pallas_call(
             functools.partial(_combine_kernel, heads_p=_pow2(num_heads), splits=splits,
-                              block_k=cfg.decode_block_k, min_blocks=cfg.min_blocks_per_split, fused=fused),
+                              block_k=block_k, min_blocks=cfg.min_blocks_per_split, fused=fused),
             grid=(num_seqs_max,),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             input_output_aliases={6: 0},
