@@ -7,9 +7,10 @@ its own with its own barrier, and the kernel would have to be warp-specialised b
 this are in benchmarks/RESULTS.md (## Kernels).
 
 One call, up to three launches, all shapes static (a change of the prefill/decode mix never recompiles):
-  1. prefill: grid (T // BQ + S, KVH). A program owns BQ new tokens of one sequence times the G query heads of
+  1. prefill: grid (KVH, T // BQ + S). A program owns BQ new tokens of one sequence times the G query heads of
      one KV head (M = BQ * G rows, one tensor-core tile, BQ = M // G so no row is lost to padding G to a power
      of two), found by a binary search over `cu_q_lens[s] // BQ + s` (as vLLM's unified Triton attention does).
+     Query blocks run last to first, so the longest causal tiles start first and short ones fill the tail.
      Sequences with a single new token skip it.
   2. decode: grid (S, KVH, splits). A program owns one decode token's G heads and one contiguous split of the
      sequence's key blocks (flash-decoding); split sizes follow each sequence's own length. With one split it
@@ -183,7 +184,7 @@ def _prefill_kernel(kv_lens_ref, table_ref, cu_ref, nseq_ref, q_ref, k_ref, v_re
         (o_ref,) = refs
     num_tokens, head_dim = q_ref.shape[0], q_ref.shape[-1]
     max_pages = table_ref.shape[1]
-    b, h = pl.program_id(0), pl.program_id(1)
+    h, b = pl.program_id(0), pl.num_programs(1) - 1 - pl.program_id(1)  # last (longest) query blocks first
     seq = _find_seq(cu_ref, b, block_q, kv_lens_ref.shape[0])
     q_lo = cu_ref[seq]
     q_len = cu_ref[seq + 1] - q_lo
@@ -331,7 +332,7 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
     out, *pages = pl.pallas_call(
         functools.partial(_prefill_kernel, group=group, block_q=block_q, rows=rows, block_k=cfg.prefill_block_k,
                           scale=scale, fused=fused),
-        grid=(num_tokens // block_q + num_seqs_max, num_kv_heads),
+        grid=(num_kv_heads, num_tokens // block_q + num_seqs_max),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + pages_out,
         input_output_aliases={5: 1, 6: 2} if fused else {},
         compiler_params=params(cfg.prefill_warps, cfg.prefill_stages),
