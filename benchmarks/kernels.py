@@ -150,8 +150,7 @@ def num_sets(nbytes):
 def decode_rows(args, quick):
     batches = args.batches or ([16, 256] if quick else [16, 64, 256])
     lengths = args.lengths or ([1024, 8192] if quick else [512, 1024, 4096, 8192])
-    shapes = [(32, 8, 128), (9, 3, 64)]
-    for (h, kvh, d) in shapes:
+    for (h, kvh, d) in args.shapes:
         for bsz in batches:
             for L in lengths:
                 yield from decode_case(bsz, L, h, kvh, d, args)
@@ -291,6 +290,8 @@ def main():
     p.add_argument("--sweep", default="", help="parts (decode,prefill) where other tile configs of ours are timed")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
     p.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None)
+    p.add_argument("--shapes", type=lambda v: [tuple(int(x) for x in s.split("/")) for s in v.split(",")],
+                   default=[(32, 8, 128), (9, 3, 64)], help="decode shapes heads/kv_heads/head_dim, e.g. 32/8/128")
     p.add_argument("--part", default="decode,prefill,fused", help="comma-separated: decode, prefill, fused")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
     args = p.parse_args()
