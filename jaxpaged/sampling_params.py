@@ -4,6 +4,7 @@ import dataclasses
 from enum import Enum
 
 _SAMPLING_EPS = 1e-5
+_F32_MAX, _F32_TINY = 3.4028235e38, 1.1754944e-38  # sampling runs in float32 on the device
 
 
 class RequestOutputKind(Enum):
@@ -60,8 +61,10 @@ class SamplingParams:
             ("n", self.n, isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
             ("presence_penalty", self.presence_penalty, -2.0 <= self.presence_penalty <= 2.0, "[-2, 2]"),
             ("frequency_penalty", self.frequency_penalty, -2.0 <= self.frequency_penalty <= 2.0, "[-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0.0, "(0, inf)"),
-            ("temperature", self.temperature, self.temperature >= 0.0, "[0, inf)"),
+            ("repetition_penalty", self.repetition_penalty, _F32_TINY <= self.repetition_penalty <= _F32_MAX,
+             "> 0 and a finite float32 (at most 3.4e38)"),
+            ("temperature", self.temperature, 0.0 <= self.temperature <= _F32_MAX,
+             ">= 0 and a finite float32 (at most 3.4e38)"),
             ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "(0, 1]"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "-1, 0 (off) or >= 1"),
             ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "[0, 1]"),

@@ -106,7 +106,9 @@ def test_prompt_prefix_is_served_from_cache(llm):
 
 def test_invalid_arguments_raise_value_errors_naming_them(llm):
     for kwargs, word in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
-                         ({"max_tokens": 0}, "max_tokens")]:
+                         ({"max_tokens": 0}, "max_tokens"), ({"temperature": 1e300}, "temperature.*float32"),
+                         ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+                         ({"temperature": float("nan")}, "temperature")]:
         with pytest.raises(ValueError, match=word):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="maximum context length is 512"):
