@@ -1,0 +1,102 @@
+"""The Mosaic TPU kernel (`jaxpaged.kernels.tpu`) against the float64 oracle in Pallas' TPU interpret mode, and its
+lowering to Mosaic for TPU (`jax.export`) on this CPU machine.
+
+Tolerances as in test_gpu_kernel.py: max abs error 2e-5 for float32 inputs, 2e-2 for bfloat16.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxpaged.kernels import ragged_paged_attention
+from jaxpaged.kernels.tpu import TpuConfig, ragged_paged_attention_tpu
+from tests.kernels.test_gpu_kernel import CASES, assert_close, build
+
+SMALL = TpuConfig(block_q=8, pages_per_block=2)  # several query and key blocks per sequence on small shapes
+
+
+def check(q_lens, kv_lens, *, config=SMALL, atol=None, **kw):
+    b = build(q_lens, kv_lens, **kw)
+    out = ragged_paged_attention_tpu(*b.args(), sm_scale=b.q.shape[-1] ** -0.5, interpret=True, config=config)
+    assert_close(out, b, atol or (2e-5 if b.q.dtype == np.float32 else 2e-2))
+    return b, out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ragged_batches_match_oracle(case):
+    check(*CASES[case])
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_page_sizes(page_size):
+    check([5, 1, 1], [21, 40, 3], page_size=page_size)
+
+
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 64), ((8, 2), 128), ((8, 1), 64)])
+def test_gqa_ratios_1_3_4_8_and_head_dims(heads, head_dim):
+    check([3, 1, 6], [3, 30, 22], heads=heads, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
+def test_bfloat16(heads):
+    check([9, 1, 1], [9, 37, 12], heads=heads, dtype="bfloat16")
+
+
+def test_default_config_and_no_padding():
+    check([40, 1, 1], [70, 200, 9], config=TpuConfig(), pad_seqs=0)
+
+
+def test_padding_rows_are_zero_and_garbage_past_lengths_is_ignored():
+    b = build([3, 1], [10, 21], page_size=8)
+    live_slots = np.zeros(b.k_pages.shape[:2], bool)
+    for s in range(int(b.num_seqs[0])):
+        n = int(b.kv_lens[s])
+        for pos in range(n):
+            live_slots[b.page_indices[s, pos // 8], pos % 8] = True
+    b.k_pages[~live_slots] = np.nan  # the null page, unused pages and slots past each length
+    b.v_pages[~live_slots] = np.nan
+    out = ragged_paged_attention_tpu(*b.args(), sm_scale=0.125, interpret=True, config=SMALL)
+    assert_close(out, b, 2e-5)
+    np.testing.assert_array_equal(np.asarray(out)[int(b.cu_q_lens[b.num_seqs[0]]):], 0)
+
+
+def test_ops_entry_point_dispatches_to_tpu():
+    b = build([2, 1], [6, 17])
+    out = ragged_paged_attention(*b.args(), sm_scale=0.125, impl="tpu", interpret=True)
+    assert_close(out, b, 2e-5)
+
+
+def test_rejects_a_block_q_that_is_not_a_power_of_two():
+    b = build([1], [4])
+    with pytest.raises(ValueError, match="power-of-two block_q"):
+        ragged_paged_attention_tpu(*b.args(), sm_scale=0.125, interpret=True, config=TpuConfig(block_q=12))
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 40)), min_size=1, max_size=4),
+       st.sampled_from([(4, 4), (6, 2), (8, 1)]), st.sampled_from([8, 16]), st.integers(0, 2))
+def test_random_shapes(seqs, heads, page_size, pad_seqs):
+    q_lens = [q for q, _ in seqs]
+    kv_lens = [q + cached for q, cached in seqs]
+    check(q_lens, kv_lens, heads=heads, page_size=page_size, pad_seqs=pad_seqs)
+
+
+@pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((9, 3), 64)])
+def test_lowers_to_mosaic_for_tpu(heads, head_dim):
+    """jax.export for platforms=["tpu"] runs the Pallas-to-Mosaic lowering; libtpu's compilation is not run here."""
+    seqs, pages, tokens = 16, 32, 64
+    args = [jax.ShapeDtypeStruct((tokens, heads[0], head_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((512, 16, heads[1], head_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((512, 16, heads[1], head_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((seqs,), jnp.int32), jax.ShapeDtypeStruct((seqs, pages), jnp.int32),
+            jax.ShapeDtypeStruct((seqs + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)]
+    fn = functools.partial(ragged_paged_attention_tpu, sm_scale=head_dim ** -0.5)
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    module = exported.mlir_module()
+    assert "tpu_custom_call" in module
+    assert exported.platforms == ("tpu",)
