@@ -192,7 +192,8 @@ def decode_case(bsz, L, h, kvh, d, args):
         check_and_time(row, name, ours(cfg, scale), b, ref, ours_fixed(b))
     best = None
     pages = L // 16
-    for ppcb, ks in [(8, 1), (8, 4), (16, 1), (16, 16)]:  # the winners of a wider sweep on this machine
+    configs = args.shipped.get((bsz, L, row["heads"]), [(8, 1), (8, 4), (16, 1), (16, 16)])  # winners of a sweep
+    for ppcb, ks in configs:
         if pages % ks or (pages // ks) % min(ppcb, pages // ks):
             continue
         us = check_and_time({}, "x", shipped_decode(scale, ppcb, ks), b, ref, head_major(b))
@@ -292,9 +293,17 @@ def main():
     p.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None)
     p.add_argument("--shapes", type=lambda v: [tuple(int(x) for x in s.split("/")) for s in v.split(",")],
                    default=[(32, 8, 128), (9, 3, 64)], help="decode shapes heads/kv_heads/head_dim, e.g. 32/8/128")
+    p.add_argument("--shipped-from", default=None,
+                   help="JSON lines of an earlier run: time the shipped kernel only in the config that won there")
     p.add_argument("--part", default="decode,prefill,fused", help="comma-separated: decode, prefill, fused")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
     args = p.parse_args()
+    args.shipped = {}
+    for line in open(args.shipped_from) if args.shipped_from else []:
+        r = json.loads(line)
+        if r.get("shipped_cfg"):
+            cfg = dict(kv.split("=") for kv in r["shipped_cfg"].split(","))
+            args.shipped[(r["B"], r["L"], r["heads"])] = [(int(cfg["ppcb"]), int(cfg["k_splits"]))]
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     bw = copy_bandwidth()
     print(json.dumps(dict(part="copy", bytes_per_s=bw)), flush=True)

@@ -26,6 +26,15 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     return seq_ids, jnp.where(live, positions, -1), live
 
 
+def query_block_seqs(cu_q_lens: jax.Array, num_blocks: int, block_q: int) -> jax.Array:
+    """[num_blocks] int32: the sequence owning query block b, when sequence s owns the blocks from
+    `cu_q_lens[s] // block_q + s` on (so `T // block_q + S` blocks cover any batch of T tokens in S sequences)."""
+    num_seqs_max = cu_q_lens.shape[0] - 1
+    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    return jnp.clip(jnp.searchsorted(first_block, b, side="right") - 1, 0, num_seqs_max - 1).astype(jnp.int32)
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,             # [T, num_q_heads, head_dim]
     k_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]

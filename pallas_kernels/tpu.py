@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxpaged.kernels.reference import query_block_seqs
+
 _MASK = -1e30
 
 
@@ -42,12 +44,10 @@ def _block_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
     """
     num_seqs_max = kv_lens.shape[0]
     num_blocks = num_tokens // block_q + num_seqs_max
-    s_ids = jnp.arange(num_seqs_max, dtype=jnp.int32)
-    first_block = cu_q_lens[:-1] // block_q + s_ids  # [S]
+    seq = query_block_seqs(cu_q_lens, num_blocks, block_q)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(first_block, b, side="right") - 1, 0, num_seqs_max - 1).astype(jnp.int32)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_start = (b - first_block[seq]) * block_q
+    q_start = (b - (cu_q_lens[seq] // block_q + seq)) * block_q
     count = jnp.where(seq < num_seqs[0], jnp.clip(q_len - q_start, 0, block_q), 0)
     pos0 = kv_lens[seq] - q_len + q_start
     return seq, cu_q_lens[seq] + q_start, count, pos0
