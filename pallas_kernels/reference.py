@@ -17,7 +17,7 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     """
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs_max = kv_lens.shape[0]
-    seq_ids = jnp.searchsorted(cu_q_lens[1:], tok, side="right").astype(jnp.int32)
+    seq_ids = jnp.searchsorted(cu_q_lens[1:], tok, side="right", method="compare_all").astype(jnp.int32)
     seq_ids = jnp.minimum(seq_ids, num_seqs_max - 1)
     live = tok < cu_q_lens[num_seqs[0]]
     q_start = cu_q_lens[seq_ids]
@@ -32,7 +32,8 @@ def query_block_seqs(cu_q_lens: jax.Array, num_blocks: int, block_q: int) -> jax
     num_seqs_max = cu_q_lens.shape[0] - 1
     first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    return jnp.clip(jnp.searchsorted(first_block, b, side="right") - 1, 0, num_seqs_max - 1).astype(jnp.int32)
+    seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
+    return jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
 
 
 def ragged_paged_attention_reference(

@@ -177,7 +177,7 @@ def ragged_paged_attention_tpu(
 
     # token t sits in block first_block[seq_t] + (t - cu[seq_t]) // BQ, row g * BQ + (t - cu[seq_t]) % BQ
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq_t = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, num_seqs_max - 1)
+    seq_t = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all"), 0, num_seqs_max - 1)
     off = t - cu_q_lens[seq_t]
     b_t = cu_q_lens[seq_t] // bq + seq_t + off // bq
     out = out_blocks.reshape(num_blocks, num_kv_heads, group, bq, head_dim)[b_t, :, :, off % bq]
