@@ -17,23 +17,13 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     """
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs_max = kv_lens.shape[0]
-    seq_ids = jnp.searchsorted(cu_q_lens[1:], tok, side="right", method="compare_all").astype(jnp.int32)
+    seq_ids = jnp.searchsorted(cu_q_lens[1:], tok, side="right").astype(jnp.int32)
     seq_ids = jnp.minimum(seq_ids, num_seqs_max - 1)
     live = tok < cu_q_lens[num_seqs[0]]
     q_start = cu_q_lens[seq_ids]
     q_len = cu_q_lens[seq_ids + 1] - q_start
     positions = kv_lens[seq_ids] - q_len + (tok - q_start)
     return seq_ids, jnp.where(live, positions, -1), live
-
-
-def query_block_seqs(cu_q_lens: jax.Array, num_blocks: int, block_q: int) -> jax.Array:
-    """[num_blocks] int32: the sequence owning query block b, when sequence s owns the blocks from
-    `cu_q_lens[s] // block_q + s` on (so `T // block_q + S` blocks cover any batch of T tokens in S sequences)."""
-    num_seqs_max = cu_q_lens.shape[0] - 1
-    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
-    return jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
 
 
 def ragged_paged_attention_reference(

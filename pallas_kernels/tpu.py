@@ -24,8 +24,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxpaged.kernels.reference import query_block_seqs
-
 _MASK = -1e30
 
 
@@ -37,6 +35,16 @@ class TpuConfig:
     pages_per_block: int = 8   # pages per K/V block, the unit of DMA double buffering
 
 
+def _query_block_seqs(cu_q_lens: jax.Array, num_blocks: int, block_q: int) -> jax.Array:
+    """[num_blocks] int32: the sequence owning query block b, when sequence s owns the blocks from
+    `cu_q_lens[s] // block_q + s` on (so `T // block_q + S` blocks cover any batch of T tokens in S sequences)."""
+    num_seqs_max = cu_q_lens.shape[0] - 1
+    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
+    return jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
+
+
 def _block_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
     """Per query block b: its sequence, first new token, live token count and position of its first token.
 
@@ -44,7 +52,7 @@ def _block_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
     """
     num_seqs_max = kv_lens.shape[0]
     num_blocks = num_tokens // block_q + num_seqs_max
-    seq = query_block_seqs(cu_q_lens, num_blocks, block_q)
+    seq = _query_block_seqs(cu_q_lens, num_blocks, block_q)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_start = (b - (cu_q_lens[seq] // block_q + seq)) * block_q
