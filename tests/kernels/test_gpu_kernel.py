@@ -23,6 +23,13 @@ CASES = {  # name: (q_lens, kv_lens)
     "one_long_prefill": ([80], [80]),
     "chunk_on_cached_prefix": ([17, 2], [61, 2]),
 }
+SHAPES = {  # name: (q_lens, kv_lens, build kwargs), shared with the TPU kernel's tests
+    **{f"page_size_{p}": ([5, 1, 1], [21, 40, 3], {"page_size": p}) for p in (8, 16, 32)},
+    **{f"heads_{h}_{kvh}_dim_{d}": ([3, 1, 6], [3, 30, 22], {"heads": (h, kvh), "head_dim": d})
+       for h, kvh, d in [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 64)]},  # GQA 1, 3, 4, 8
+    **{f"bfloat16_heads_{h}_{kvh}": ([9, 1, 1], [9, 37, 12], {"heads": (h, kvh), "dtype": "bfloat16"})
+       for h, kvh in [(8, 2), (9, 3)]},
+}
 SMALL = GpuConfig(prefill_rows=16, prefill_block_k=16, decode_block_k=16, min_blocks_per_split=1)
 
 
@@ -92,19 +99,9 @@ def test_ragged_batches_match_oracle(case, splits):
     check(*CASES[case], config=GpuConfig(**{**SMALL.__dict__, "decode_splits": splits}))
 
 
-@pytest.mark.parametrize("page_size", [8, 16, 32])
-def test_page_sizes(page_size):
-    check([5, 1, 1], [21, 40, 3], page_size=page_size)
-
-
-@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 64), ((8, 2), 128), ((8, 1), 64)])
-def test_gqa_ratios_1_3_4_8_and_head_dims(heads, head_dim):
-    check([3, 1, 6], [3, 30, 22], heads=heads, head_dim=head_dim)
-
-
-@pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
-def test_bfloat16(heads):
-    check([9, 1, 1], [9, 37, 12], heads=heads, dtype="bfloat16")
+@pytest.mark.parametrize("q_lens,kv_lens,kw", SHAPES.values(), ids=SHAPES)
+def test_page_sizes_gqa_head_dims_bfloat16(q_lens, kv_lens, kw):
+    check(q_lens, kv_lens, **kw)
 
 
 def test_default_config_tiles():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jaxpaged.kernels import ragged_paged_attention
 from jaxpaged.kernels.tpu import TpuConfig, ragged_paged_attention_tpu
-from tests.kernels.test_gpu_kernel import CASES, assert_close, build
+from tests.kernels.test_gpu_kernel import CASES, SHAPES, assert_close, build
 
 SMALL = TpuConfig(block_q=8, pages_per_block=2)  # several query and key blocks per sequence on small shapes
 
@@ -32,19 +32,9 @@ def test_ragged_batches_match_oracle(case):
     check(*CASES[case])
 
 
-@pytest.mark.parametrize("page_size", [8, 16, 32])
-def test_page_sizes(page_size):
-    check([5, 1, 1], [21, 40, 3], page_size=page_size)
-
-
-@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 64), ((8, 2), 128), ((8, 1), 64)])
-def test_gqa_ratios_1_3_4_8_and_head_dims(heads, head_dim):
-    check([3, 1, 6], [3, 30, 22], heads=heads, head_dim=head_dim)
-
-
-@pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
-def test_bfloat16(heads):
-    check([9, 1, 1], [9, 37, 12], heads=heads, dtype="bfloat16")
+@pytest.mark.parametrize("q_lens,kv_lens,kw", SHAPES.values(), ids=SHAPES)
+def test_page_sizes_gqa_head_dims_bfloat16(q_lens, kv_lens, kw):
+    check(q_lens, kv_lens, **kw)
 
 
 def test_default_config_and_no_padding():
