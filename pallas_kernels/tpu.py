@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxpaged.kernels.reference import token_layout
+
 _MASK = -1e30
 
 
@@ -35,27 +37,21 @@ class TpuConfig:
     pages_per_block: int = 8   # pages per K/V block, the unit of DMA double buffering
 
 
-def _query_block_seqs(cu_q_lens: jax.Array, num_blocks: int, block_q: int) -> jax.Array:
-    """[num_blocks] int32: the sequence owning query block b, when sequence s owns the blocks from
-    `cu_q_lens[s] // block_q + s` on (so `T // block_q + S` blocks cover any batch of T tokens in S sequences)."""
-    num_seqs_max = cu_q_lens.shape[0] - 1
-    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
-    return jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
-
-
 def _block_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
     """Per query block b: its sequence, first new token, live token count and position of its first token.
 
-    Returns four [num_blocks] int32 arrays; blocks past their sequence's tokens or of padding sequences have count 0.
+    Sequence s owns the blocks from `cu_q_lens[s] // block_q + s` on, so `T // block_q + S` blocks cover any batch
+    of T tokens in S sequences. Returns four [num_blocks] int32 arrays; blocks past their sequence's tokens or of
+    padding sequences have count 0.
     """
     num_seqs_max = kv_lens.shape[0]
     num_blocks = num_tokens // block_q + num_seqs_max
-    seq = _query_block_seqs(cu_q_lens, num_blocks, block_q)
+    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)  # [S]
     b = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
+    seq = jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_start = (b - (cu_q_lens[seq] // block_q + seq)) * block_q
+    q_start = (b - first_block[seq]) * block_q
     count = jnp.where(seq < num_seqs[0], jnp.clip(q_len - q_start, 0, block_q), 0)
     pos0 = kv_lens[seq] - q_len + q_start
     return seq, cu_q_lens[seq] + q_start, count, pos0
@@ -152,7 +148,7 @@ def ragged_paged_attention_tpu(
     """
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
-    num_seqs_max, max_pages = page_indices.shape
+    max_pages = page_indices.shape[1]
     group, bq = num_heads // num_kv_heads, config.block_q
     if num_heads % num_kv_heads or bq < 8 or bq & (bq - 1):
         raise ValueError(f"need num_heads % num_kv_heads == 0 and a power-of-two block_q >= 8, got q {q.shape}, "
@@ -184,10 +180,8 @@ def ragged_paged_attention_tpu(
     )(seq, count, pos0, page_indices.reshape(-1), q_blocks, k_pages, v_pages)
 
     # token t sits in block first_block[seq_t] + (t - cu[seq_t]) // BQ, row g * BQ + (t - cu[seq_t]) % BQ
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq_t = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all"), 0, num_seqs_max - 1)
-    off = t - cu_q_lens[seq_t]
+    seq_t, _, live = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    off = jnp.arange(num_tokens, dtype=jnp.int32) - cu_q_lens[seq_t]
     b_t = cu_q_lens[seq_t] // bq + seq_t + off // bq
     out = out_blocks.reshape(num_blocks, num_kv_heads, group, bq, head_dim)[b_t, :, :, off % bq]
-    live = t < cu_q_lens[num_seqs[0]]
     return jnp.where(live[:, None, None], out.reshape(num_tokens, num_heads, head_dim), 0).astype(q.dtype)

@@ -24,7 +24,6 @@ def check(q_lens, kv_lens, *, config=SMALL, atol=None, **kw):
     b = build(q_lens, kv_lens, **kw)
     out = ragged_paged_attention_tpu(*b.args(), sm_scale=b.q.shape[-1] ** -0.5, interpret=True, config=config)
     assert_close(out, b, atol or (2e-5 if b.q.dtype == np.float32 else 2e-2))
-    return b, out
 
 
 @pytest.mark.parametrize("case", CASES)
