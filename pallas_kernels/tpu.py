@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxpaged.kernels.reference import token_layout
+from jaxpaged.kernels.reference import query_blocks, token_layout
 
 _MASK = -1e30
 
@@ -35,26 +35,6 @@ class TpuConfig:
 
     block_q: int = 16          # new tokens per program (a power of two, >= 8)
     pages_per_block: int = 8   # pages per K/V block, the unit of DMA double buffering
-
-
-def _block_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
-    """Per query block b: its sequence, first new token, live token count and position of its first token.
-
-    Sequence s owns the blocks from `cu_q_lens[s] // block_q + s` on, so `T // block_q + S` blocks cover any batch
-    of T tokens in S sequences. Returns four [num_blocks] int32 arrays; blocks past their sequence's tokens or of
-    padding sequences have count 0.
-    """
-    num_seqs_max = kv_lens.shape[0]
-    num_blocks = num_tokens // block_q + num_seqs_max
-    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)  # [S]
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
-    seq = jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_start = (b - first_block[seq]) * block_q
-    count = jnp.where(seq < num_seqs[0], jnp.clip(q_len - q_start, 0, block_q), 0)
-    pos0 = kv_lens[seq] - q_len + q_start
-    return seq, cu_q_lens[seq] + q_start, count, pos0
 
 
 def _kernel(seq_ref, count_ref, pos0_ref, table_ref,  # scalar prefetch (SMEM)
@@ -155,7 +135,7 @@ def ragged_paged_attention_tpu(
                          f"pages {k_pages.shape}, {config}")
     kv_lens, page_indices, cu_q_lens, num_seqs = (x.astype(jnp.int32) for x in
                                                   (kv_lens, page_indices, cu_q_lens, num_seqs))
-    seq, tok0, count, pos0 = _block_layout(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
+    seq, tok0, count, pos0 = query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
     num_blocks = seq.shape[0]
     rows = group * bq
 
