@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh >/dev/null
 log=${1:-${OUT:-/tmp}}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=gpu
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 ids=$(python3 -m pytest -q -m gpu --collect-only tests/kernels/test_gpu_kernel.py -p no:cacheprovider | grep '::')
 echo "$ids" | xargs -P 16 -I{} sh -c \
   'python3 -m pytest -q -m gpu -p no:cacheprovider "{}" >/dev/null 2>&1 && echo "PASS {}" || echo "FAIL {}"' \

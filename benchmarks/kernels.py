@@ -179,10 +179,6 @@ PREFILL_SWEEP = {
     "ours_w8": GpuConfig(prefill_warps=8),
     "ours_w8_st3": GpuConfig(prefill_warps=8, prefill_stages=3),
     "ours_bk128_w8": GpuConfig(prefill_block_k=128, prefill_warps=8),
-    "ours_m64_st3": GpuConfig(prefill_rows=64, prefill_stages=3),
-    "ours_m256_w8": GpuConfig(prefill_rows=256, prefill_warps=8),
-    "ours_m256_w8_st3": GpuConfig(prefill_rows=256, prefill_warps=8, prefill_stages=3),
-    "ours_bk32_st3": GpuConfig(prefill_block_k=32, prefill_stages=3),
 }
 
 

@@ -26,12 +26,12 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     return seq_ids, jnp.where(live, positions, -1), live
 
 
-def query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int, min_q_len: int = 1):
+def query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
     """Per query block b: its sequence, first new token, live token count and position of its first token.
 
     Sequence s owns the blocks from `cu_q_lens[s] // block_q + s` on, so `T // block_q + S` blocks cover any batch
-    of T tokens in S sequences. Returns four [num_blocks] int32 arrays; blocks past their sequence's tokens, of
-    padding sequences or of sequences with fewer than `min_q_len` new tokens have count 0.
+    of T tokens in S sequences. Returns four [num_blocks] int32 arrays; blocks past their sequence's tokens or of
+    padding sequences have count 0.
     """
     num_seqs_max = kv_lens.shape[0]
     num_blocks = num_tokens // block_q + num_seqs_max
@@ -41,7 +41,7 @@ def query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int, mi
     seq = jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_start = (b - first_block[seq]) * block_q
-    count = jnp.where((seq < num_seqs[0]) & (q_len >= min_q_len), jnp.clip(q_len - q_start, 0, block_q), 0)
+    count = jnp.where(seq < num_seqs[0], jnp.clip(q_len - q_start, 0, block_q), 0)
     pos0 = kv_lens[seq] - q_len + q_start
     return seq, cu_q_lens[seq] + q_start, count, pos0
 
