@@ -30,6 +30,12 @@ SHAPES = {  # name: (q_lens, kv_lens, build kwargs), shared with the TPU kernel'
     **{f"bfloat16_heads_{h}_{kvh}": ([9, 1, 1], [9, 37, 12], {"heads": (h, kvh), "dtype": "bfloat16"})
        for h, kvh in [(8, 2), (9, 3)]},
 }
+MIXES = [  # (q_lens, kv_lens, pad_seqs): always 8 new tokens, 6 sequence slots, 10 pages of 16, 5 per table row
+    ([1, 1, 1, 5], [5, 17, 40, 64], 2),  # decodes and a chunk
+    ([2, 2, 2, 2], [2, 30, 64, 40], 2),  # prefill chunks only
+    ([5, 1, 1, 1], [64, 3, 17, 40], 2),
+    ([4, 3, 1], [64, 64, 32], 3),        # fewer live sequences
+]
 SMALL = GpuConfig(prefill_rows=16, prefill_block_k=16, decode_block_k=16, min_blocks_per_split=1)
 
 
@@ -102,6 +108,14 @@ def test_ragged_batches_match_oracle(case, splits):
 @pytest.mark.parametrize("q_lens,kv_lens,kw", SHAPES.values(), ids=SHAPES)
 def test_page_sizes_gqa_head_dims_bfloat16(q_lens, kv_lens, kw):
     check(q_lens, kv_lens, **kw)
+
+
+def test_batch_mix_changes_do_not_recompile():
+    config = GpuConfig(**{**SMALL.__dict__, "decode_splits": 2})  # compiled by no other test
+    before = ragged_paged_attention_gpu._cache_size()
+    for q_lens, kv_lens, pad_seqs in MIXES:
+        check(q_lens, kv_lens, config=config, pad_seqs=pad_seqs)
+    assert ragged_paged_attention_gpu._cache_size() == before + 1
 
 
 def test_default_config_tiles():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jaxpaged.kernels import ragged_paged_attention
 from jaxpaged.kernels.tpu import TpuConfig, ragged_paged_attention_tpu
-from tests.kernels.test_gpu_kernel import CASES, SHAPES, assert_close, build
+from tests.kernels.test_gpu_kernel import CASES, MIXES, SHAPES, assert_close, build
 
 SMALL = TpuConfig(block_q=8, pages_per_block=2)  # several query and key blocks per sequence on small shapes
 
@@ -34,6 +34,14 @@ def test_ragged_batches_match_oracle(case):
 @pytest.mark.parametrize("q_lens,kv_lens,kw", SHAPES.values(), ids=SHAPES)
 def test_page_sizes_gqa_head_dims_bfloat16(q_lens, kv_lens, kw):
     check(q_lens, kv_lens, **kw)
+
+
+def test_batch_mix_changes_do_not_recompile():
+    config = TpuConfig(block_q=8, pages_per_block=1)  # compiled by no other test
+    before = ragged_paged_attention_tpu._cache_size()
+    for q_lens, kv_lens, pad_seqs in MIXES:
+        check(q_lens, kv_lens, config=config, pad_seqs=pad_seqs)
+    assert ragged_paged_attention_tpu._cache_size() == before + 1
 
 
 def test_default_config_and_no_padding():
