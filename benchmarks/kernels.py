@@ -242,7 +242,8 @@ def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
 def fused_rows(args):
     """The engine's two ways to add a step's K/V: scatter then attention, or the fused kernel."""
     cases = [("decode", [1] * 64, [1024] * 64), ("decode", [1] * 256, [4096] * 256),
-             ("mixed", [512] * 4 + [1] * 64, [1536] * 4 + [2048] * 64)]
+             ("mixed", [512] * 4 + [1] * 64, [1536] * 4 + [2048] * 64),
+             ("prefill", [2048], [2048]), ("prefill", [8192], [8192])]  # fused: new keys read in token order
     for kind, q_lens, kv_lens in cases:
         b = make_batch(q_lens, kv_lens, 32, 8, 128)
         scale = 128 ** -0.5
