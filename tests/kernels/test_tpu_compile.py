@@ -1,0 +1,48 @@
+"""The TPU kernel compiled by libtpu (its Mosaic compiler included) for four TPU generations, on a CPU machine.
+
+libtpu compiles ahead of time for a described topology (`jax.experimental.topologies`) with no TPU attached;
+nothing runs. This is the check that Mosaic accepts the kernel's layouts (for instance one KV head's keys sliced
+out of an all-heads page buffer when the KV head count does not fill a sublane tile); speed is not measured.
+Skipped where libtpu is not installed (the test extra installs it on Linux, pinned to the version jax[tpu] pins).
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("libtpu")
+# Read by libtpu when it starts; without them it asks a TPU VM's metadata server who it is.
+for key, value in dict(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_HOSTNAMES="localhost",
+                       TPU_WORKER_ID="0").items():
+    os.environ.setdefault(key, value)
+
+from jax.experimental import topologies  # noqa: E402
+
+from jaxpaged.kernels.tpu import TpuConfig, ragged_paged_attention_tpu  # noqa: E402
+
+TOPOLOGIES = ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
+
+
+@functools.cache
+def tpu_device(topology: str):
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("heads,head_dim,page_size,dtype", [
+    ((32, 8), 128, 16, jnp.bfloat16), ((9, 3), 64, 16, jnp.bfloat16), ((8, 1), 64, 8, jnp.bfloat16),
+    ((8, 2), 128, 32, jnp.float32)])
+def test_compiles_for_tpu(topology, heads, head_dim, page_size, dtype):
+    on = jax.sharding.SingleDeviceSharding(tpu_device(topology))
+    seqs, pages, tokens, pool = 16, 32, 64, 512
+    shapes = [((tokens, heads[0], head_dim), dtype), ((pool, page_size, heads[1], head_dim), dtype),
+              ((pool, page_size, heads[1], head_dim), dtype), ((seqs,), jnp.int32), ((seqs, pages), jnp.int32),
+              ((seqs + 1,), jnp.int32), ((1,), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(shape, dt, sharding=on) for shape, dt in shapes]
+    fn = functools.partial(ragged_paged_attention_tpu, sm_scale=head_dim ** -0.5, config=TpuConfig())
+    compiled = jax.jit(fn).lower(*args).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    assert compiled.input_shardings[0][0].device_set == {tpu_device(topology)}
