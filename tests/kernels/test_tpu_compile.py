@@ -46,3 +46,23 @@ def test_compiles_for_tpu(topology, heads, head_dim, page_size, dtype):
     compiled = jax.jit(fn).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()
     assert compiled.input_shardings[0][0].device_set == {tpu_device(topology)}
+
+
+def test_engine_step_compiles_for_tpu():
+    """The engine's whole jitted step (Llama-3.2-1B shape cut to 2 layers, attention_impl="tpu", on-device
+    sampling, donated page pool) compiled for a v5e chip, in the largest bucket of a small engine."""
+    from jaxpaged.buckets import Buckets
+    from jaxpaged.models.loader import load_model
+    from jaxpaged.runner import ModelRunner
+
+    model = load_model("llama-3.2-1b", load_format="dummy", dtype="bfloat16",
+                       hf_config_overrides={"num_hidden_layers": 2, "vocab_size": 2048})
+    runner = ModelRunner(model, page_size=16, max_model_len=512, buckets=Buckets(256, 32), attn_impl="tpu",
+                         kv_dtype=jnp.bfloat16)
+    on = jax.sharding.SingleDeviceSharding(tpu_device("v5e:2x2"))
+    page = jax.ShapeDtypeStruct(runner._pool_shape(1024), jnp.bfloat16, sharding=on)
+    inp, st = runner._null_batch(*max(runner.buckets.all_shapes()))
+    params, inp, st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
+                                   (model.params, inp, st))
+    compiled = runner.step_fn.lower(params, [(page, page)] * 2, inp, st).compile()
+    assert compiled.as_text().count("tpu_custom_call") >= 2  # one attention kernel per layer
