@@ -22,6 +22,7 @@ for key, value in dict(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-4
 from jax.experimental import topologies  # noqa: E402
 
 from jaxpaged.kernels.tpu import TpuConfig, ragged_paged_attention_tpu  # noqa: E402
+from tests.kernels.test_tpu_kernel import abstract_args  # noqa: E402
 
 TOPOLOGIES = ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
 
@@ -36,12 +37,7 @@ def tpu_device(topology: str):
     ((32, 8), 128, 16, jnp.bfloat16), ((9, 3), 64, 16, jnp.bfloat16), ((8, 1), 64, 8, jnp.bfloat16),
     ((8, 2), 128, 32, jnp.float32)])
 def test_compiles_for_tpu(topology, heads, head_dim, page_size, dtype):
-    on = jax.sharding.SingleDeviceSharding(tpu_device(topology))
-    seqs, pages, tokens, pool = 16, 32, 64, 512
-    shapes = [((tokens, heads[0], head_dim), dtype), ((pool, page_size, heads[1], head_dim), dtype),
-              ((pool, page_size, heads[1], head_dim), dtype), ((seqs,), jnp.int32), ((seqs, pages), jnp.int32),
-              ((seqs + 1,), jnp.int32), ((1,), jnp.int32)]
-    args = [jax.ShapeDtypeStruct(shape, dt, sharding=on) for shape, dt in shapes]
+    args = abstract_args(heads, head_dim, page_size, dtype, jax.sharding.SingleDeviceSharding(tpu_device(topology)))
     fn = functools.partial(ragged_paged_attention_tpu, sm_scale=head_dim ** -0.5, config=TpuConfig())
     compiled = jax.jit(fn).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()

@@ -83,19 +83,21 @@ def test_random_shapes(seqs, heads, page_size, pad_seqs):
     check(q_lens, kv_lens, heads=heads, page_size=page_size, pad_seqs=pad_seqs)
 
 
+def abstract_args(heads, head_dim, page_size, dtype, sharding=None, seqs=16, pages=32, tokens=64, pool=512):
+    """ShapeDtypeStructs of a kernel call: q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs."""
+    shapes = [((tokens, heads[0], head_dim), dtype), ((pool, page_size, heads[1], head_dim), dtype),
+              ((pool, page_size, heads[1], head_dim), dtype), ((seqs,), jnp.int32), ((seqs, pages), jnp.int32),
+              ((seqs + 1,), jnp.int32), ((1,), jnp.int32)]
+    return [jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for shape, dt in shapes]
+
+
 @pytest.mark.parametrize("heads,head_dim,page_size,dtype", [
     ((32, 8), 128, 16, jnp.bfloat16), ((9, 3), 64, 16, jnp.bfloat16), ((8, 1), 64, 8, jnp.bfloat16),
     ((4, 4), 64, 32, jnp.float32), ((8, 2), 128, 16, jnp.float32)])
 def test_lowers_to_mosaic_for_tpu(heads, head_dim, page_size, dtype):
-    """jax.export for platforms=["tpu"] runs the Pallas-to-Mosaic lowering; libtpu's compilation is not run here."""
-    seqs, pages, tokens = 16, 32, 64
-    args = [jax.ShapeDtypeStruct((tokens, heads[0], head_dim), dtype),
-            jax.ShapeDtypeStruct((512, page_size, heads[1], head_dim), dtype),
-            jax.ShapeDtypeStruct((512, page_size, heads[1], head_dim), dtype),
-            jax.ShapeDtypeStruct((seqs,), jnp.int32), jax.ShapeDtypeStruct((seqs, pages), jnp.int32),
-            jax.ShapeDtypeStruct((seqs + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)]
+    """jax.export for platforms=["tpu"] runs the Pallas-to-Mosaic lowering (test_tpu_compile.py compiles it)."""
     fn = functools.partial(ragged_paged_attention_tpu, sm_scale=head_dim ** -0.5)
-    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*abstract_args(heads, head_dim, page_size, dtype))
     module = exported.mlir_module()
     assert "tpu_custom_call" in module
     assert exported.platforms == ("tpu",)
