@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("libtpu")
-# Read by libtpu when it starts; without them it asks a TPU VM's metadata server who it is.
+# Read by libtpu when it starts: without the first four it asks a TPU VM's metadata server who it is; the last
+# lets it start while another process holds libtpu (its lockfile in /tmp), as a concurrent test run does.
 for key, value in dict(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_HOSTNAMES="localhost",
-                       TPU_WORKER_ID="0").items():
+                       TPU_WORKER_ID="0", ALLOW_MULTIPLE_LIBTPU_LOAD="1").items():
     os.environ.setdefault(key, value)
 
 from jax.experimental import topologies  # noqa: E402
