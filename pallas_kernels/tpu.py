@@ -3,7 +3,12 @@
 Design (after JAX's shipped TPU ragged paged attention and vllm-project/tpu-inference's RPA):
   - grid (num_query_blocks,): a program owns BQ new tokens of one sequence (block b of sequence s where
     `cu_q_lens[s] // BQ + s <= b`), for every query head. Which sequence, which tokens and which positions a block
-    holds is computed by XLA before the call and passed, with the page table, as scalar prefetch (SMEM).
+    holds is computed by XLA before the call and passed, with the sequence lengths, as scalar prefetch (SMEM).
+  - the page table stays in HBM: SMEM (1 MiB) cannot hold a whole [S, max_pages] table at long context (256
+    sequences x 1,024 pages already fill it). When a program's sequence differs from the previous program's (the
+    grid runs in order on one core), the used part of that sequence's row is DMA'd into an SMEM row buffer in
+    128-entry windows aligned in the flattened table (Mosaic DMAs slice HBM at multiples of 128 words); the query
+    blocks of one prefill share one fetch.
   - K/V pages stay in HBM. Each program walks its sequence's visible keys in blocks of `pages_per_block` pages:
     the pages of block i + 1 are DMA'd (all KV heads of a page in one copy) into the other half of a double buffer
     in VMEM while block i is computed.
@@ -12,8 +17,8 @@ Design (after JAX's shipped TPU ragged paged attention and vllm-project/tpu-infe
   - online softmax in float32; masked entries contribute exactly zero.
 The queries are re-blocked ([blocks, KVH, M, D]) by an XLA gather before the call and the output rows gathered
 back after it, so that every block is a rectangular VMEM tile with no partial writes.
-This kernel is tested in the TPU interpret mode on CPU and lowered to Mosaic by `jax.export`; it has not been
-compiled by libtpu or timed on a TPU here.
+This kernel is tested in the TPU interpret mode on CPU and compiled by libtpu for v4, v5e, v5p and v6e ahead of
+time (tests/kernels/test_tpu_compile.py); it has not been run or timed on a TPU.
 """
 
 import dataclasses
@@ -27,6 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxpaged.kernels.reference import query_blocks, token_layout
 
 _MASK = -1e30
+_WINDOW = 128  # page-table entries per DMA: HBM slices start at multiples of 128 int32 words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +43,15 @@ class TpuConfig:
     pages_per_block: int = 8   # pages per K/V block, the unit of DMA double buffering
 
 
-def _kernel(seq_ref, count_ref, pos0_ref, table_ref,  # scalar prefetch (SMEM)
-            q_ref,                                     # [KVH, M, D] VMEM block, rows g * BQ + token
-            k_hbm, v_hbm,                              # [num_pages, page_size, KVH, D] in HBM
-            o_ref,                                     # [KVH, M, D] VMEM block
-            k_buf, v_buf,                              # [2, P, page_size, KVH, D] VMEM double buffers
-            sems,                                      # DMA semaphores [2 (k, v), 2 (buffer)]
-            *, block_q: int, max_pages: int, scale: float):
+def _kernel(seq_ref, count_ref, pos0_ref, kv_lens_ref,  # scalar prefetch (SMEM)
+            q_ref,                                       # [KVH, M, D] VMEM block, rows g * BQ + token
+            table_hbm,                                   # [windows, _WINDOW] int32 in HBM: the flat table
+            k_hbm, v_hbm,                                # [num_pages, page_size, KVH, D] in HBM
+            o_ref,                                       # [KVH, M, D] VMEM block
+            k_buf, v_buf,                                # [2, P, page_size, KVH, D] VMEM double buffers
+            sems,                                        # DMA semaphores [2 (k, v), 2 (buffer)]
+            row_buf, row_seq, row_sem,                   # SMEM row windows, [1] their sequence; DMA sem
+            *, block_q: int, scale: float, max_pages: int):
     b = pl.program_id(0)
     num_kv_heads, rows, head_dim = q_ref.shape
     _, pages_per_block, page_size, _, _ = k_buf.shape
@@ -52,12 +60,32 @@ def _kernel(seq_ref, count_ref, pos0_ref, table_ref,  # scalar prefetch (SMEM)
     end = pos0 + count  # one past the last key any row of this block sees
     num_kv_blocks = jnp.where(count > 0, pl.cdiv(end, block_k), 0)
 
+    @pl.when(b == 0)
+    def _():
+        row_seq[0] = -1
+
+    row_start = seq * max_pages  # the row's first entry in the flattened table
+    first_window = jax.lax.div(row_start, _WINDOW)  # lax.div: jnp's // lowers through sign, unknown off a TPU
+    base = first_window * _WINDOW  # row_buf[j] holds flat table entry base + j
+
+    @pl.when((count > 0) & (seq != row_seq[0]))
+    def _():  # fetch the windows that hold the row's used entries
+        def window(c):
+            return pltpu.make_async_copy(table_hbm.at[first_window + c],
+                                         row_buf.at[pl.ds(pl.multiple_of(c * _WINDOW, _WINDOW), _WINDOW)],
+                                         row_sem.at[0])
+
+        n = pl.cdiv(row_start - base + pl.cdiv(kv_lens_ref[seq], page_size), _WINDOW)
+        jax.lax.fori_loop(0, n, lambda c, _: window(c).start(), None)
+        jax.lax.fori_loop(0, n, lambda c, _: window(c).wait(), None)
+        row_seq[0] = seq
+
     def copies(i, slot):
         """The 2 * P page copies of key block i into buffer `slot` (pages past the table read page 0)."""
         out = []
         for p in range(pages_per_block):
             idx = i * pages_per_block + p
-            page = table_ref[seq * max_pages + jnp.minimum(idx, max_pages - 1)]
+            page = row_buf[row_start - base + jnp.minimum(idx, max_pages - 1)]
             page = jnp.where(idx < max_pages, page, 0)
             out.append(pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, p], sems.at[0, slot]))
             out.append(pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, p], sems.at[1, slot]))
@@ -144,20 +172,25 @@ def ragged_paged_attention_tpu(
     q_blocks = q_blocks.transpose(0, 2, 3, 1, 4).reshape(num_blocks, num_kv_heads, rows, head_dim)
     block = pl.BlockSpec((None, num_kv_heads, rows, head_dim), lambda b, *_: (b, 0, 0, 0))
     kv_buf = pltpu.VMEM((2, config.pages_per_block, page_size, num_kv_heads, head_dim), k_pages.dtype)
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    table = page_indices.reshape(-1)
+    table = jnp.pad(table, (0, -table.shape[0] % _WINDOW)).reshape(-1, _WINDOW)  # one copy per step under jit CSE
+    row_windows = pl.cdiv(_WINDOW - 1 + max_pages, _WINDOW) * _WINDOW  # a row starts anywhere in its first window
     out_blocks = pl.pallas_call(
-        functools.partial(_kernel, block_q=bq, max_pages=max_pages, scale=sm_scale),
+        functools.partial(_kernel, block_q=bq, scale=sm_scale, max_pages=max_pages),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(num_blocks,),
-            in_specs=[block, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[block, hbm, hbm, hbm],
             out_specs=block,
-            scratch_shapes=[kv_buf, kv_buf, pltpu.SemaphoreType.DMA((2, 2))],
+            scratch_shapes=[kv_buf, kv_buf, pltpu.SemaphoreType.DMA((2, 2)), pltpu.SMEM((row_windows,), jnp.int32),
+                            pltpu.SMEM((1,), jnp.int32), pltpu.SemaphoreType.DMA((1,))],
         ),
         out_shape=jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="rpa_tpu",
-    )(seq, count, pos0, page_indices.reshape(-1), q_blocks, k_pages, v_pages)
+    )(seq, count, pos0, kv_lens, q_blocks, table, k_pages, v_pages)
 
     # token t sits in block first_block[seq_t] + (t - cu[seq_t]) // BQ, row g * BQ + (t - cu[seq_t]) % BQ
     seq_t, _, live = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)

@@ -45,6 +45,16 @@ def test_compiles_for_tpu(topology, heads, head_dim, page_size, dtype):
     assert compiled.input_shardings[0][0].device_set == {tpu_device(topology)}
 
 
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_long_context_page_tables_fit(topology):
+    """256 sequences x 8,192 pages (128k tokens at page size 16): an 8 MiB page table, far past the 1 MiB of SMEM
+    that a scalar-prefetched table would need to fit in."""
+    on = jax.sharding.SingleDeviceSharding(tpu_device(topology))
+    args = abstract_args((32, 8), 128, 16, jnp.bfloat16, on, seqs=256, pages=8192, tokens=2048, pool=4096)
+    fn = functools.partial(ragged_paged_attention_tpu, sm_scale=128 ** -0.5)
+    assert "tpu_custom_call" in jax.jit(fn).lower(*args).compile().as_text()
+
+
 def test_engine_step_compiles_for_tpu():
     """The engine's whole jitted step (Llama-3.2-1B shape cut to 2 layers, attention_impl="tpu", on-device
     sampling, donated page pool) compiled for a v5e chip, in the largest bucket of a small engine."""

@@ -44,6 +44,11 @@ def test_batch_mix_changes_do_not_recompile():
     assert ragged_paged_attention_tpu._cache_size() == before + 1
 
 
+def test_page_table_rows_spanning_windows():
+    """Rows of 300 pages: most start inside a 128-entry window and span three or four of them."""
+    check([5, 1, 9], [3000, 4700, 4790], page_size=16, heads=(4, 2))
+
+
 def test_default_config_and_no_padding():
     check([40, 1, 1], [70, 200, 9], config=TpuConfig(), pad_seqs=0)
 
