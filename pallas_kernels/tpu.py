@@ -9,9 +9,9 @@ Design (after JAX's shipped TPU ragged paged attention and vllm-project/tpu-infe
     grid runs in order on one core), the used part of that sequence's row is DMA'd into an SMEM row buffer in
     128-entry windows aligned in the flattened table (Mosaic DMAs slice HBM at multiples of 128 words); the query
     blocks of one prefill share one fetch.
-  - K/V pages stay in HBM. Each program walks its sequence's visible keys in blocks of `pages_per_block` pages:
-    the pages of block i + 1 are DMA'd (all KV heads of a page in one copy) into the other half of a double buffer
-    in VMEM while block i is computed.
+  - K/V pages stay in HBM. Each program walks its sequence's visible keys in blocks of `pages_per_block` pages
+    (128 keys by default): the pages of block i + 1 are DMA'd (all KV heads of a page in one copy) into the other
+    half of a double buffer in VMEM while block i is computed.
   - GQA: for each KV head, the rows of its G query heads x BQ tokens (M = G * BQ) meet the head's keys in one
     matmul; the head's keys are a (sublane-strided) load from the page buffer (K/V never repeated per head).
   - online softmax in float32; masked entries contribute exactly zero.
@@ -40,7 +40,7 @@ class TpuConfig:
     """Block sizes of the TPU kernel."""
 
     block_q: int = 16          # new tokens per program (a power of two, >= 8)
-    pages_per_block: int = 8   # pages per K/V block, the unit of DMA double buffering
+    pages_per_block: int | None = None  # pages per K/V block (the unit of DMA double buffering); None: 128 keys
 
 
 def _kernel(seq_ref, count_ref, pos0_ref, kv_lens_ref,  # scalar prefetch (SMEM)
@@ -171,7 +171,9 @@ def ragged_paged_attention_tpu(
     q_blocks = q[tok].reshape(num_blocks, bq, num_kv_heads, group, head_dim)
     q_blocks = q_blocks.transpose(0, 2, 3, 1, 4).reshape(num_blocks, num_kv_heads, rows, head_dim)
     block = pl.BlockSpec((None, num_kv_heads, rows, head_dim), lambda b, *_: (b, 0, 0, 0))
-    kv_buf = pltpu.VMEM((2, config.pages_per_block, page_size, num_kv_heads, head_dim), k_pages.dtype)
+    # 128 keys per block by default: 8 pages of 16; one page of 128 (8 pages of 128 overflow v5e's 16 MiB of VMEM)
+    pages_per_block = config.pages_per_block or max(1, 128 // page_size)
+    kv_buf = pltpu.VMEM((2, pages_per_block, page_size, num_kv_heads, head_dim), k_pages.dtype)
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     table = page_indices.reshape(-1)
     table = jnp.pad(table, (0, -table.shape[0] % _WINDOW)).reshape(-1, _WINDOW)  # one copy per step under jit CSE

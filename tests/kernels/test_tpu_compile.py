@@ -46,11 +46,13 @@ def test_compiles_for_tpu(topology, heads, head_dim, page_size, dtype):
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
-def test_long_context_page_tables_fit(topology):
-    """256 sequences x 8,192 pages (128k tokens at page size 16): an 8 MiB page table, far past the 1 MiB of SMEM
-    that a scalar-prefetched table would need to fit in."""
+@pytest.mark.parametrize("heads,page_size,seqs,pages,tokens", [
+    ((32, 8), 16, 256, 8192, 2048),   # 128k tokens of context: an 8 MiB page table, past SMEM's 1 MiB
+    ((32, 8), 128, 256, 1024, 8192),  # large pages: 8 of them per K/V block would overflow v5e's 16 MiB of VMEM
+    ((64, 8), 16, 512, 2048, 8192)])  # Llama-3.1-70B heads, 512 sequences
+def test_serving_sized_batches_compile(topology, heads, page_size, seqs, pages, tokens):
     on = jax.sharding.SingleDeviceSharding(tpu_device(topology))
-    args = abstract_args((32, 8), 128, 16, jnp.bfloat16, on, seqs=256, pages=8192, tokens=2048, pool=4096)
+    args = abstract_args(heads, 128, page_size, jnp.bfloat16, on, seqs=seqs, pages=pages, tokens=tokens, pool=2048)
     fn = functools.partial(ragged_paged_attention_tpu, sm_scale=128 ** -0.5)
     assert "tpu_custom_call" in jax.jit(fn).lower(*args).compile().as_text()
 
