@@ -5,7 +5,7 @@ a page-table-driven gather per key row (`k_ref[pages, offsets, h, :]`), pipeline
 (jax 0.11.2) moves data with TMA, whose descriptors describe rectangular tiles, so every page would be a copy of
 its own with its own barrier, and the kernel would have to be warp-specialised by hand. No Mosaic GPU version
 was built to compare; benchmarks/RESULTS.md (## Kernels) has this kernel against JAX's shipped Triton paged
-attention (0.74-0.87x its time at 32/8 x 128, 91-102 % of copy bandwidth from 1 GB of K/V) and cuDNN (prefill:
+attention (0.74-0.92x its time at 32/8 x 128, 91-102 % of copy bandwidth from 1 GB of K/V) and cuDNN (prefill:
 0.71-0.74x; the profile there shows 12.5 % occupancy and a 43 % busy tensor pipe, latency a warp-specialised
 Mosaic GPU kernel could hide).
 
