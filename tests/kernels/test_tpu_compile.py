@@ -3,21 +3,25 @@
 libtpu compiles ahead of time for a described topology (`jax.experimental.topologies`) with no TPU attached;
 nothing runs. This is the check that Mosaic accepts the kernel's layouts (for instance one KV head's keys sliced
 out of an all-heads page buffer when the KV head count does not fill a sublane tile); speed is not measured.
-Skipped where libtpu is not installed (the test extra installs it on Linux, pinned to the version jax[tpu] pins).
+libtpu comes from `scripts/setup.sh --test` (Linux), which puts it in .venv/libtpu, outside site-packages, so that
+JAX never starts it in other runs; elsewhere, or with no libtpu, these tests are skipped.
 """
 
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-pytest.importorskip("libtpu")
-# Read by libtpu when it starts: without the first four it asks a TPU VM's metadata server who it is; the last
-# lets it start while another process holds libtpu (its lockfile in /tmp), as a concurrent test run does.
-for key, value in dict(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_HOSTNAMES="localhost",
-                       TPU_WORKER_ID="0", ALLOW_MULTIPLE_LIBTPU_LOAD="1").items():
+LIBTPU = os.environ.get("TPU_LIBRARY_PATH", os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so"))
+if not os.path.isfile(LIBTPU):
+    pytest.skip(f"no libtpu at {LIBTPU} (bash scripts/setup.sh --test installs it on Linux)", allow_module_level=True)
+# Read by libtpu when it starts: without TPU_SKIP_MDS_QUERY .. TPU_WORKER_ID it asks a TPU VM's metadata server who
+# it is; ALLOW_MULTIPLE_LIBTPU_LOAD lets it start while another process holds libtpu (its lockfile in /tmp).
+for key, value in dict(TPU_LIBRARY_PATH=LIBTPU, TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-4",
+                       TPU_WORKER_HOSTNAMES="localhost", TPU_WORKER_ID="0", ALLOW_MULTIPLE_LIBTPU_LOAD="1").items():
     os.environ.setdefault(key, value)
 
 from jax.experimental import topologies  # noqa: E402
