@@ -61,21 +61,40 @@ def test_serving_sized_batches_compile(topology, heads, page_size, seqs, pages, 
     assert "tpu_custom_call" in jax.jit(fn).lower(*args).compile().as_text()
 
 
+def compile_engine_step(model, *, max_model_len: int, buckets, num_pages: int, topology: str = "v5e:2x2"):
+    """The engine's whole jitted step (attention_impl="tpu", on-device sampling, donated page pool) compiled for
+    one chip of `topology` in the largest bucket; returns the compiled HLO text."""
+    from jaxpaged.runner import ModelRunner
+
+    runner = ModelRunner(model, page_size=16, max_model_len=max_model_len, buckets=buckets, attn_impl="tpu",
+                         kv_dtype=jnp.bfloat16)
+    on = jax.sharding.SingleDeviceSharding(tpu_device(topology))
+    page = jax.ShapeDtypeStruct(runner._pool_shape(num_pages), jnp.bfloat16, sharding=on)
+    inp, st = runner._null_batch(*max(buckets.all_shapes()))
+    params, inp, st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
+                                   (model.params, inp, st))
+    layers = model.config.num_hidden_layers
+    return runner.step_fn.lower(params, [(page, page)] * layers, inp, st).compile().as_text()
+
+
 def test_engine_step_compiles_for_tpu():
-    """The engine's whole jitted step (Llama-3.2-1B shape cut to 2 layers, attention_impl="tpu", on-device
-    sampling, donated page pool) compiled for a v5e chip, in the largest bucket of a small engine."""
+    """Llama-3.2-1B shape cut to 2 layers, a small engine's largest bucket."""
     from jaxpaged.buckets import Buckets
     from jaxpaged.models.loader import load_model
-    from jaxpaged.runner import ModelRunner
 
     model = load_model("llama-3.2-1b", load_format="dummy", dtype="bfloat16",
                        hf_config_overrides={"num_hidden_layers": 2, "vocab_size": 2048})
-    runner = ModelRunner(model, page_size=16, max_model_len=512, buckets=Buckets(256, 32), attn_impl="tpu",
-                         kv_dtype=jnp.bfloat16)
-    on = jax.sharding.SingleDeviceSharding(tpu_device("v5e:2x2"))
-    page = jax.ShapeDtypeStruct(runner._pool_shape(1024), jnp.bfloat16, sharding=on)
-    inp, st = runner._null_batch(*max(runner.buckets.all_shapes()))
-    params, inp, st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
-                                   (model.params, inp, st))
-    compiled = runner.step_fn.lower(params, [(page, page)] * 2, inp, st).compile()
-    assert compiled.as_text().count("tpu_custom_call") >= 2  # one attention kernel per layer
+    hlo = compile_engine_step(model, max_model_len=512, buckets=Buckets(256, 32), num_pages=1024)
+    assert hlo.count("tpu_custom_call") == 2  # one attention kernel per layer
+
+
+@pytest.mark.slow
+def test_embedded_model_engine_step_compiles_for_tpu():
+    """The embedded SmolLM2-135M (30 layers, bf16) as `LLM()` would serve it on a v5e: 8k context, 2,048 tokens x
+    256 sequences per step, a 20,000-page pool."""
+    from jaxpaged.buckets import Buckets
+    from jaxpaged.models.loader import load_model
+
+    model = load_model(None, dtype="bfloat16")
+    hlo = compile_engine_step(model, max_model_len=8192, buckets=Buckets(2048, 256), num_pages=20000)
+    assert hlo.count("tpu_custom_call") == 30
