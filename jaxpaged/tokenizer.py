@@ -1,7 +1,9 @@
 """Tokenizer loading: a HF tokenizer directory, or the tokenizer embedded in a GGUF file (without torch)."""
 
+import importlib
 import os
 
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 _GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
@@ -23,14 +25,14 @@ def load_tokenizer(path: str, gguf_file: str | None = None, **kwargs):
 
 def _tokenizer_from_gguf(gguf_path: str) -> PreTrainedTokenizerFast:
     from gguf import GGUFReader
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
+    mapping, convert = _gguf_converter()
     reader = GGUFReader(gguf_path)
     metadata = {name: field.contents() for name, field in reader.fields.items() if name.startswith(("tokenizer.",
                                                                                                     "general.arch"))}
     grouped = {
         group: {new: metadata[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in metadata}
-        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+        for group, renames in mapping.items()
     }
     tokenizer_dict, config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":
@@ -38,5 +40,23 @@ def _tokenizer_from_gguf(gguf_path: str) -> PreTrainedTokenizerFast:
     for name, key in _GGUF_SPECIAL.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
-    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+    converted = convert(metadata["general.architecture"], tokenizer_dict)
+    backend, extra = converted if isinstance(converted, tuple) else (converted, {})
+    # the special tokens named by the GGUF's own ids win: transformers 5.17's llama converter swaps bos and eos
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **config})
+
+
+def _gguf_converter():
+    """transformers' GGUF tokenizer key mapping and converter, wherever this transformers version keeps them.
+
+    They moved from `integrations.ggml` (4.45 to 5.17 at least) to `integrations.gguf.gguf_tokenizer_mapping`.
+    """
+    for name in ("transformers.integrations.gguf.gguf_tokenizer_mapping", "transformers.integrations.ggml"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "GGUF_TOKENIZER_MAPPING") and hasattr(module, "convert_gguf_tokenizer"):
+            return module.GGUF_TOKENIZER_MAPPING, module.convert_gguf_tokenizer
+    raise ImportError(f"transformers {transformers.__version__} has no GGUF tokenizer converter that jaxpaged "
+                      "knows; install a transformers release between 4.45 and 5.24")

@@ -171,6 +171,12 @@ def test_gguf_tokenizer_matches_transformers_token_ids(smollm2_tokenizer):
         assert ids == case["prompt_token_ids"]
 
 
+def test_gguf_tokenizer_special_tokens_follow_the_file_ids(smollm2_tokenizer):
+    # the GGUF names bos 1 and eos 2; transformers 5.17's converter hands them over swapped
+    assert (smollm2_tokenizer.bos_token, smollm2_tokenizer.bos_token_id) == ("<|im_start|>", 1)
+    assert (smollm2_tokenizer.eos_token, smollm2_tokenizer.eos_token_id) == ("<|im_end|>", 2)
+
+
 def test_embedded_model_greedy_matches_transformers_through_model_forward():
     with open(os.path.join(FIXTURES, "smollm2_greedy.json")) as f:
         cases = json.load(f)["cases"]
