@@ -173,12 +173,20 @@ DECODE_SWEEP = {  # name: config of ours timed with --sweep decode
     "ours_splits1": GpuConfig(decode_splits=1),
     "ours_mb8": GpuConfig(min_blocks_per_split=8),
     "ours_st4": GpuConfig(decode_stages=4),
+    "ours_mosaic": GpuConfig(prefill_launch="mosaic"),  # the cost of its empty prefill programs on decode
 }
-PREFILL_SWEEP = {
-    "ours_st3": GpuConfig(prefill_stages=3),
-    "ours_w8": GpuConfig(prefill_warps=8),
-    "ours_w8_st3": GpuConfig(prefill_warps=8, prefill_stages=3),
-    "ours_bk128_w8": GpuConfig(prefill_block_k=128, prefill_warps=8),
+PREFILL_SWEEP = {  # tiles of the Triton prefill launch
+    name: GpuConfig(prefill_launch="triton", **kw) for name, kw in {
+        "ours_st3": dict(prefill_stages=3),
+        "ours_w8": dict(prefill_warps=8),
+        "ours_w8_st3": dict(prefill_warps=8, prefill_stages=3),
+        "ours_bk128_w8": dict(prefill_block_k=128, prefill_warps=8),
+        "ours_r64": dict(prefill_rows=64),
+        "ours_r64_st3": dict(prefill_rows=64, prefill_stages=3),
+        "ours_r64_bk128": dict(prefill_rows=64, prefill_block_k=128),
+        "ours_bk32": dict(prefill_block_k=32),
+        "ours_r256_w8": dict(prefill_rows=256, prefill_warps=8),
+    }.items()
 }
 
 
@@ -221,7 +229,8 @@ def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
     flops = sum(4 * h * d * (q * (n - q) + q * (q + 1) / 2) for q, n in zip(q_lens, kv_lens))
     ref = reference(b, scale)
     row = dict(part=kind, T=int(b.q.shape[0]), heads=f"{h}/{kvh}x{d}", flops=flops)
-    variants = {"ours": GpuConfig(), **(PREFILL_SWEEP if "prefill" in args.sweep else {})}
+    variants = {"ours": GpuConfig(), "ours_triton": GpuConfig(prefill_launch="triton"),
+                **(PREFILL_SWEEP if "prefill" in args.sweep else {})}
     for name, cfg in variants.items():
         check_and_time(row, name, ours(cfg, scale), b, ref, ours_fixed(b))
     if kind == "prefill":  # cuDNN flash attention on the same tokens, K/V dense

@@ -1,13 +1,13 @@
-"""Ragged paged attention for NVIDIA GPUs, Pallas Triton lowering: prefill tiles + split-K decode + fused KV write.
+"""Ragged paged attention for NVIDIA GPUs: prefill tiles + split-K decode + fused KV write, in Pallas.
 
-Why Triton and not Mosaic GPU: the work is a gather of pages scattered over the pool. Triton's pointer loads take
-a page-table-driven gather per key row (`k_ref[pages, offsets, h, :]`), pipelined by `num_stages`; Mosaic GPU
-(jax 0.11.2) moves data with TMA, whose descriptors describe rectangular tiles, so every page would be a copy of
-its own with its own barrier, and the kernel would have to be warp-specialised by hand. No Mosaic GPU version
-was built to compare; benchmarks/RESULTS.md (## Kernels) has this kernel against JAX's shipped Triton paged
-attention (0.74-0.92x its time at 32/8 x 128, 91-102 % of copy bandwidth from 1 GB of K/V) and cuDNN (prefill:
-0.71-0.74x; the profile there shows 12.5 % occupancy and a 43 % busy tensor pipe, latency a warp-specialised
-Mosaic GPU kernel could hide).
+Two prefill launches. On Hopper with bf16/f16 and buckets of prefill size, `gpu_mosaic` (Mosaic GPU,
+warp-specialised: TMA page copies into a K/V ring, two wgmma warpgroups taking turns) reached 0.81x and 0.96x
+cuDNN's TFLOP/s on 2k/8k-token prefills on an H200; the Triton launch below, whose page gather per key row
+(`k_ref[pages, offsets, h, :]`) is latency-bound (255 registers, 2 programs per SM, tensor pipe 43 % busy),
+0.71-0.75x. Triton remains for decode-sized buckets, other dtypes, head_dims that are not multiples of 64, GPUs
+without wgmma, the fused KV write and interpret mode. `prefill_launch` chooses; benchmarks/RESULTS.md has the
+numbers. Decode is the Triton split-K launch everywhere: 0.74-0.92x the time of JAX's shipped Triton
+paged_attention at 32/8 x 128 on an H100.
 
 One call, up to three launches, all shapes static (a change of the prefill/decode mix never recompiles):
   1. prefill: grid (KVH, T // BQ + S). A program owns BQ new tokens of one sequence times the G query heads of
@@ -57,6 +57,11 @@ class GpuConfig:
     decode_stages: int = 3
     decode_splits: int | None = None  # None: enough programs for ~4 waves of 132 SMs
     min_blocks_per_split: int = 2
+    prefill_launch: str = "auto"  # "triton", "mosaic" (gpu_mosaic: Hopper, bf16/f16) or "auto" (prefill_launch())
+
+    def __post_init__(self):
+        if self.prefill_launch not in ("auto", "triton", "mosaic"):
+            raise ValueError(f"prefill_launch={self.prefill_launch!r} is not one of 'auto', 'triton', 'mosaic'")
 
 
 def _pow2(n: int) -> int:
@@ -318,6 +323,31 @@ def decode_splits(cfg: GpuConfig, num_seqs_max: int, num_kv_heads: int, max_kv: 
     return max(1, min(_pow2(want), _pow2(most)))
 
 
+MOSAIC_MIN_TOKENS_PER_SEQ = 4  # token slots per sequence slot from which "auto" takes the Mosaic prefill launch
+
+
+def prefill_launch(cfg: GpuConfig, q_shape, page_shape, dtype, num_seqs_max: int,
+                   compute_capability: str | None) -> str:
+    """"triton" or "mosaic": the prefill launch of a call of these static shapes.
+
+    "auto" takes Mosaic GPU on Hopper (compute capability 9.x: wgmma) for shapes it supports, in buckets of at
+    least `MOSAIC_MIN_TOKENS_PER_SEQ` tokens per sequence slot: there it is 0.81-0.96x cuDNN against the Triton
+    launch's 0.71-0.75x, while on decode-only batches its empty programs (one per query head and block) cost
+    +32 % (B=256, L=512; benchmarks/RESULTS.md, H200).
+    """
+    if cfg.prefill_launch != "auto":
+        return cfg.prefill_launch
+    from jaxpaged.kernels.gpu_mosaic import supports
+
+    hopper = (compute_capability or "").split(".")[0] == "9"
+    big = q_shape[0] >= MOSAIC_MIN_TOKENS_PER_SEQ * num_seqs_max
+    return "mosaic" if hopper and big and supports(q_shape, page_shape, dtype) else "triton"
+
+
+def _compute_capability() -> str | None:
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
 def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new, v_new, *, sm_scale, interpret,
          cfg: GpuConfig):
     num_tokens, num_heads, head_dim = q.shape
@@ -336,16 +366,22 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
                  jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)] if fused else []
     params = lambda w, s: plgpu.CompilerParams(num_warps=w, num_stages=s)  # noqa: E731
 
-    rows = max(cfg.prefill_rows, _pow2(group))
-    block_q = rows // group
-    out, *pages = pl.pallas_call(
-        functools.partial(_prefill_kernel, group=group, block_q=block_q, rows=rows, block_k=cfg.prefill_block_k,
-                          scale=scale, fused=fused),
-        grid=(num_kv_heads, num_tokens // block_q + num_seqs_max),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + pages_out,
-        input_output_aliases={5: 1, 6: 2} if fused else {},
-        compiler_params=params(cfg.prefill_warps, cfg.prefill_stages),
-        interpret=interpret, name="rpa_prefill")(*meta, q, k_pages, v_pages, *new)
+    if not fused and not interpret and prefill_launch(cfg, q.shape, k_pages.shape, q.dtype, num_seqs_max,
+                                                      _compute_capability()) == "mosaic":
+        from jaxpaged.kernels.gpu_mosaic import prefill_attention_mosaic
+
+        out, pages = prefill_attention_mosaic(q, k_pages, v_pages, *meta, sm_scale=sm_scale), []
+    else:
+        rows = max(cfg.prefill_rows, _pow2(group))
+        block_q = rows // group
+        out, *pages = pl.pallas_call(
+            functools.partial(_prefill_kernel, group=group, block_q=block_q, rows=rows,
+                              block_k=cfg.prefill_block_k, scale=scale, fused=fused),
+            grid=(num_kv_heads, num_tokens // block_q + num_seqs_max),
+            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + pages_out,
+            input_output_aliases={5: 1, 6: 2} if fused else {},
+            compiler_params=params(cfg.prefill_warps, cfg.prefill_stages),
+            interpret=interpret, name="rpa_prefill")(*meta, q, k_pages, v_pages, *new)
     if fused:
         k_pages, v_pages = pages
 

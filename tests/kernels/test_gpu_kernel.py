@@ -164,9 +164,12 @@ def test_random_shapes(seqs, heads, page_size, pad_seqs, splits, fused):
 def test_compiled_on_gpu(case, heads, head_dim, dtype):
     assert jax.default_backend() == "gpu"
     kw = dict(heads=heads, head_dim=head_dim, dtype=dtype, interpret=False, atol=1e-4 if dtype == np.float32 else 2e-2)
-    for config in (GpuConfig(), GpuConfig(decode_splits=4)):
+    configs = [GpuConfig(prefill_launch="triton"), GpuConfig(prefill_launch="triton", decode_splits=4)]
+    if dtype == "bfloat16":  # the Mosaic GPU prefill launch takes bf16/f16 only
+        configs.append(GpuConfig(prefill_launch="mosaic", decode_splits=4))
+    for config in configs:
         check(*CASES[case], config=config, **kw)
-    check_fused(*CASES[case], config=GpuConfig(decode_splits=4), **kw)
+    check_fused(*CASES[case], config=GpuConfig(decode_splits=4), **kw)  # fused: always the Triton launch
 
 
 @pytest.mark.parametrize("impl", ["reference", "gpu"])
