@@ -7,7 +7,8 @@ turns on the tensor cores through a schedule barrier) and one moving data (TMA i
 ring of K/V buffers, consumer barriers to recycle them). What differs is paging and raggedness:
 
 - a program owns one query head and one query block of `2 * block_q` new tokens of ONE sequence (the blocks of
-  `reference.query_blocks`, computed by XLA); blocks of decode tokens (q_len == 1) or of padding exit at once;
+  `reference.query_blocks` aligned to 8 tokens, computed by XLA); blocks of decode tokens (q_len == 1) or of
+  padding exit at once;
 - each K/V block of `block_kv` keys is `block_kv // page_size` TMA copies, one per page, all arriving on the
   block's barrier; page ids are read from the page table in GMEM by the memory warpgroup;
 - outputs are stored by TMA in power-of-two row pieces (as in JAX's ragged_dot_mgpu), so a block never writes
@@ -49,25 +50,14 @@ def supports(q_shape, page_shape, dtype, cfg: MosaicConfig = MosaicConfig()) -> 
 
 
 def _block_meta(kv_lens, cu_q_lens, num_seqs, num_tokens: int, rows: int):
-    """[5, num_blocks] int32 per query block: sequence, first token // 8, live rows [lo, hi), position of row 0.
+    """[5, num_blocks] int32 per query block: sequence, token of row 0 // 8, live rows [lo, hi), position of row 0.
 
-    Sequence s owns the blocks from `a_s // rows + s` on, where a_s = cu_q_lens[s] rounded down to a multiple of 8
-    (Mosaic GPU wants the TMA row offset of a tiled copy provably a multiple of the 8-row tile, so a block may
-    start up to 7 rows before its sequence; those rows are computed but not stored). `T // rows + S` blocks
-    cover any batch. Blocks of decode tokens (q_len == 1), padding sequences or past a sequence have hi == lo.
+    The blocks of `query_blocks` aligned to 8 tokens: Mosaic GPU wants the TMA row offset of a tiled copy provably
+    a multiple of the 8-row tile, so a block may start up to 7 rows before its sequence (computed, not stored).
+    Blocks of decode tokens (q_len == 1) are emptied (hi == lo): the decode launch owns them.
     """
-    num_seqs_max = kv_lens.shape[0]
-    num_blocks = num_tokens // rows + num_seqs_max
-    starts = cu_q_lens[:-1] // 8 * 8  # [S]
-    first_block = starts // rows + jnp.arange(num_seqs_max, dtype=jnp.int32)
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1, 0, num_seqs_max - 1)
-    start = starts[seq] + (b - first_block[seq]) * rows  # token of row 0
-    q_lo, q_hi = cu_q_lens[seq], cu_q_lens[seq + 1]
-    live = (seq < num_seqs[0]) & (q_hi - q_lo > 1)
-    lo = jnp.clip(q_lo - start, 0, rows)
-    hi = jnp.where(live, jnp.clip(q_hi - start, lo, rows), lo)
-    pos0 = kv_lens[seq] - (q_hi - q_lo) + (start - q_lo)
+    seq, start, lo, hi, pos0 = query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens, rows, align=8)
+    hi = jnp.where(cu_q_lens[seq + 1] - cu_q_lens[seq] > 1, hi, lo)
     return jnp.stack([seq, start // 8, lo, hi, pos0]).astype(jnp.int32)
 
 

@@ -26,24 +26,28 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     return seq_ids, jnp.where(live, positions, -1), live
 
 
-def query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int):
-    """Per query block b: its sequence, first new token, live token count and position of its first token.
+def query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens: int, block_q: int, align: int = 1):
+    """Per query block b: its sequence, token of its row 0, live rows [lo, hi) and position of its row 0.
 
-    Sequence s owns the blocks from `cu_q_lens[s] // block_q + s` on, so `T // block_q + S` blocks cover any batch
-    of T tokens in S sequences. Returns four [num_blocks] int32 arrays; blocks past their sequence's tokens or of
-    padding sequences have count 0.
+    Sequence s owns the blocks from `a_s // block_q + s` on, where a_s is cu_q_lens[s] rounded down to a multiple
+    of `align` (a divisor of block_q), so `T // block_q + S` blocks cover any batch of T tokens in S sequences.
+    With align > 1 a sequence's first block may start up to align - 1 rows before it (lo > 0 there); with
+    align == 1, lo is 0. Returns five [num_blocks] int32 arrays; blocks past their sequence's tokens or of padding
+    sequences have hi == lo.
     """
     num_seqs_max = kv_lens.shape[0]
     num_blocks = num_tokens // block_q + num_seqs_max
-    first_block = cu_q_lens[:-1] // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)  # [S]
+    starts = cu_q_lens[:-1] // align * align  # [S]
+    first_block = starts // block_q + jnp.arange(num_seqs_max, dtype=jnp.int32)  # [S]
     b = jnp.arange(num_blocks, dtype=jnp.int32)
     seq = jnp.searchsorted(first_block, b, side="right", method="compare_all") - 1  # one fused compare, no loop
     seq = jnp.clip(seq, 0, num_seqs_max - 1).astype(jnp.int32)
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_start = (b - first_block[seq]) * block_q
-    count = jnp.where(seq < num_seqs[0], jnp.clip(q_len - q_start, 0, block_q), 0)
-    pos0 = kv_lens[seq] - q_len + q_start
-    return seq, cu_q_lens[seq] + q_start, count, pos0
+    start = starts[seq] + (b - first_block[seq]) * block_q
+    q_lo, q_hi = cu_q_lens[seq], cu_q_lens[seq + 1]
+    lo = jnp.clip(q_lo - start, 0, block_q)
+    hi = jnp.where(seq < num_seqs[0], jnp.clip(q_hi - start, lo, block_q), lo)
+    pos0 = kv_lens[seq] - (q_hi - q_lo) + (start - q_lo)
+    return seq, start, lo, hi, pos0
 
 
 def ragged_paged_attention_reference(

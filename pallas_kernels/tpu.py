@@ -163,7 +163,7 @@ def ragged_paged_attention_tpu(
                          f"pages {k_pages.shape}, {config}")
     kv_lens, page_indices, cu_q_lens, num_seqs = (x.astype(jnp.int32) for x in
                                                   (kv_lens, page_indices, cu_q_lens, num_seqs))
-    seq, tok0, count, pos0 = query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
+    seq, tok0, _, count, pos0 = query_blocks(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)  # align 1: lo == 0
     num_blocks = seq.shape[0]
     rows = group * bq
 
