@@ -16,6 +16,8 @@ class EngineArgs:
     directly; on CPU without it the pool holds `max_num_seqs` full-length sequences (capped at 1 GiB).
     `attention_impl` picks the ragged paged attention kernel ("auto" follows the backend).
     `compilation_cache_dir` is JAX's persistent compilation cache (None: ~/.cache/jaxpaged/xla).
+    `async_scheduling` keeps one step in flight: the host schedules step N+1 and processes step N's outputs while
+    the device runs (vLLM's name; here on by default, since outputs are the same and the host loop is hidden).
     """
 
     model: str | None = None
@@ -36,6 +38,7 @@ class EngineArgs:
     compilation_cache_dir: str | None = None
     served_model_name: str | None = None
     disable_log_stats: bool = True
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)

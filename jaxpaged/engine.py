@@ -1,6 +1,5 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run the jitted step -> update."""
 
-import dataclasses
 import logging
 import os
 import random
@@ -10,15 +9,14 @@ import numpy as np
 
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
-from jaxpaged.detokenizer import IncrementalDetokenizer, make_detokenizer
 from jaxpaged.kv_pool import device_kv_budget, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
-from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxpaged.output_processor import OutputProcessor
+from jaxpaged.outputs import RequestOutput
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request, RequestStatus
-from jaxpaged.runner import ModelRunner
-from jaxpaged.sampling_batch import HostSampling, SeqSampling
+from jaxpaged.runner import ModelRunner, StepHandle
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler
 from jaxpaged.tokenizer import load_tokenizer
@@ -28,34 +26,6 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict
 
 
-@dataclasses.dataclass(eq=False)
-class RequestGroup:
-    """A user request: `n` child sequences sharing one prompt (children share its full pages via prefix caching)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    children: list[Request]
-    detokenizers: list[IncrementalDetokenizer]
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finished for c in self.children)
-
-    def to_output(self) -> RequestOutput:
-        outputs = []
-        want_logprobs = self.params.logprobs is not None
-        for i, (req, detok) in enumerate(zip(self.children, self.detokenizers)):
-            outputs.append(CompletionOutput(
-                index=i, text=detok.text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=req.cumulative_logprob if want_logprobs else None,
-                logprobs=list(req.logprobs) if want_logprobs else None,
-                finish_reason=req.finish_reason, stop_reason=req.stop_reason))
-        cached = max(self.children[0].num_cached_tokens, 0)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, self.finished, cached)
-
-
 def _enable_compilation_cache(path: str | None) -> None:
     path = path or os.environ.get("JAXPAGED_CACHE_DIR") or os.path.expanduser("~/.cache/jaxpaged/xla")
     jax.config.update("jax_compilation_cache_dir", path)
@@ -63,7 +33,14 @@ def _enable_compilation_cache(path: str | None) -> None:
 
 
 class LLMEngine:
-    """The synchronous engine behind `LLM` and the server. Not thread-safe: one thread drives it."""
+    """The engine behind `LLM` and the server. Not thread-safe: one thread drives it.
+
+    With `async_scheduling` (the default, vLLM's name) one step is in flight: `step()` schedules and launches
+    step N+1 before it processes step N's sampled ids, which the device already feeds into step N+1, so host
+    work overlaps device work. A request that stops at step N has one extra token computed in N+1, dropped.
+    Steps with repetition/presence/frequency penalties run synchronously (the penalties read the tokens on the
+    host). Greedy outputs are the same either way.
+    """
 
     def __init__(self, args: EngineArgs):
         self.args = args
@@ -93,9 +70,12 @@ class LLMEngine:
         self._check_pool(num_pages, args.block_size)
         self.runner.allocate_kv_pool(num_pages)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.eos_token_ids = self._eos_token_ids()
-        self.groups: dict[str, RequestGroup] = {}
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
+        self._in_flight: StepHandle | None = None
+        self._penalty_groups: set[str] = set()  # live requests with penalties: their steps run synchronously
         self.counters = EngineCounters()
         self._rng = random.Random(args.seed)
         self.runner.warm_up()
@@ -166,20 +146,17 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids)
-        children, detoks = [], []
+        children = []
         for i in range(params.n):
             seed = (params.seed + i) if params.seed is not None else self._rng.getrandbits(32)
             child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params,
                             eos_token_ids=self.eos_token_ids)
             child.seed = seed & 0xFFFFFFFF
             children.append(child)
-            detoks.append(make_detokenizer(
-                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output))
-        group = RequestGroup(request_id, text, token_ids, params, children, detoks)
-        self.groups[request_id] = group
+        self.output_processor.add(request_id, text, token_ids, params, children)
+        if params.has_penalties:
+            self._penalty_groups.add(request_id)
         for child in children:
-            child.group = group
             self.scheduler.add_request(child)
         self.counters.prompt_tokens += len(token_ids)
 
@@ -187,84 +164,50 @@ class LLMEngine:
         """Stops requests wherever they are and frees their pages; unknown ids are ignored."""
         for request_id in request_ids:
             group = self.groups.pop(request_id, None)
+            self._penalty_groups.discard(request_id)
             for child in group.children if group else []:
                 if not child.finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups) or self._in_flight is not None
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduler step and one device step; returns outputs of the requests that progressed."""
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        pages = [self.page_manager.pages_of(s.request.request_id) for s in sched.scheduled]
-        sampling = HostSampling([self._sampling_row(s.request) for s in sched.scheduled])
-        out = self.runner.execute(sched, pages, sampling)
-        self.scheduler.update_computed(sched)
-        touched: dict[str, RequestGroup] = {}
-        for i, s in enumerate(sched.scheduled):
-            if s.samples:
-                self._append_token(s.request, i, out)
-                touched[s.request.group.request_id] = s.request.group
+        """Schedules and launches one step, then processes the previous one (async) or this one (sync); returns
+        the outputs of the requests that progressed."""
         outputs = []
-        for group in touched.values():
-            outputs.append(group.to_output())
-            if group.finished:
-                self.groups.pop(group.request_id, None)
+        if self._in_flight is not None and self._penalty_groups:
+            outputs = self._process(self._in_flight)  # penalties need every token on the host first
+            self._in_flight = None
+        sched = self.scheduler.schedule()
+        for victim in sched.preempted:
+            self.runner.remove_request(victim.request_id)
+        launched = self.runner.launch(sched, self.page_manager.pages_of) if sched.scheduled else None
+        if self._in_flight is not None:
+            outputs += self._process(self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not (self.args.async_scheduling and not self._penalty_groups):
+            outputs += self._process(launched)
+            self._in_flight = None
+        return outputs
+
+    def _process(self, handle: StepHandle) -> list[RequestOutput]:
+        outputs = self.output_processor.process(handle.sched, handle.result(), self._on_token, self._finish)
+        for out in outputs:
+            if out.finished:
+                self._penalty_groups.discard(out.request_id)
                 self.counters.num_requests_finished += 1
         return outputs
 
-    def _sampling_row(self, req: Request) -> SeqSampling:
-        p = req.sampling_params
-        banned = []
-        if len(req.output_token_ids) < p.min_tokens:
-            banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids))
-        return SeqSampling(
-            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=req.seed,
-            position=len(req.output_token_ids), presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
-            penalty_tokens=req.token_ids(0, req.num_tokens) if p.has_penalties else None,
-            num_prompt_tokens=req.num_prompt_tokens, banned_tokens=banned)
-
-    def _append_token(self, req: Request, row: int, out) -> None:
-        token = int(out.token_ids[row])
-        p = req.sampling_params
-        req.output_token_ids.append(token)
+    def _on_token(self, req: Request, token_id: int) -> None:
+        self.runner.append_token(req.request_id, token_id)
         self.counters.generation_tokens += 1
-        if p.logprobs is not None:
-            req.cumulative_logprob += float(out.logprobs[row])
-            req.logprobs.append(self._logprob_dict(token, out, row, p.logprobs))
-        group = req.group
-        detok = group.detokenizers[group.children.index(req)]
-        stop_str = detok.append(token)
-        status = None
-        if stop_str is not None:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        elif token in p.stop_token_ids:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
-        elif not p.ignore_eos and token in req.eos_token_ids:
-            status = RequestStatus.FINISHED_STOPPED
-        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
-            status = RequestStatus.FINISHED_LENGTH
-        elif req.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            detok.finish()
-            self.scheduler.finish(req, status)
 
-    def _logprob_dict(self, token: int, out, row: int, k: int) -> dict[int, Logprob]:
-        ids = [token] + [int(t) for t in out.top_ids[row, :k]]
-        lps = [float(out.logprobs[row])] + [float(x) for x in out.top_logprobs[row, :k]]
-        ranks = [int(out.ranks[row])] + list(range(1, k + 1))
-        texts = self.tokenizer.convert_ids_to_tokens(ids) if self.tokenizer else [None] * len(ids)
-        result = {}
-        for tid, lp, rank, text in zip(ids, lps, ranks, texts):
-            result.setdefault(tid, Logprob(lp, rank, text))
-        return result
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self.runner.remove_request(req.request_id)
 
     # ---- metrics --------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from jaxpaged.config import EngineArgs
 from jaxpaged.engine import LLMEngine, PromptType
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -56,6 +56,8 @@ class LLM:
         for prompt, p in zip(tokenized, params):
             ids.append(str(self._counter))
             self._counter += 1
+            p = p.clone()
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM: one output per request, built once
             engine.add_request(ids[-1], prompt, p)
         return self._run(ids, use_tqdm)
 

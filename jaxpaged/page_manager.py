@@ -120,6 +120,7 @@ class PageManager:
             return
         start = self._num_hashed.get(req.request_id, 0)
         self._ensure_hashes(req, num_full)
+        num_full = min(num_full, len(req.page_hashes))  # pages holding a pending token are hashed a step later
         for i in range(start, num_full):
             page_hash = req.page_hashes[i]
             if page_hash not in self.cached and self.page_hash[pages[i]] is None:
@@ -129,7 +130,7 @@ class PageManager:
 
     def _ensure_hashes(self, req: Request, num_pages: int) -> None:
         size = self.page_size
-        while len(req.page_hashes) < min(num_pages, req.num_tokens // size):
+        while len(req.page_hashes) < min(num_pages, req.num_known_tokens // size):
             i = len(req.page_hashes)
             parent = req.page_hashes[-1] if i else None
             req.page_hashes.append(hash((parent, tuple(req.token_ids(i * size, (i + 1) * size)))))

@@ -31,8 +31,10 @@ FINISH_REASONS = {
 class Request:
     """A sequence being generated.
 
-    NOTE: `num_computed_tokens` counts tokens whose K/V are in this request's pages; it catches up to
-    `num_tokens` (prompt + output). A preempted request drops to 0 and is recomputed.
+    NOTE: `num_computed_tokens` counts tokens whose K/V are in this request's pages or are being written by a
+    scheduled step; it catches up to `num_tokens` (prompt + output + pending). `num_pending` counts tokens that
+    scheduled steps will sample but whose ids have not reached the host yet (async scheduling: at most two).
+    A preempted request drops to 0 and is recomputed.
     """
 
     request_id: str
@@ -41,10 +43,12 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     seed: int = 0  # uint32 sampling seed: the request's own or one drawn from the engine's seeded RNG
     group: object = None  # the RequestGroup (user request) this sequence belongs to
+    index: int = 0  # this sequence's index among the group's `n` completions
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit tokens at first scheduling; -1 until then
     num_preemptions: int = 0
     stop_reason: int | str | None = None
@@ -58,7 +62,23 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + output + pending tokens: the length the scheduler plans with."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + output tokens whose ids the host has."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_planned_outputs(self) -> int:
+        """Output tokens sampled or being sampled (pending included)."""
+        return len(self.output_token_ids) + self.num_pending
+
+    def append_output(self, token_id: int) -> None:
+        """A pending token's id arrived from the device."""
+        self.output_token_ids.append(token_id)
+        self.num_pending -= 1
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + output without building the whole list."""

@@ -1,4 +1,11 @@
-"""ModelRunner: turns a SchedulerOutput into padded flat arrays and runs one jitted forward + sample step."""
+"""ModelRunner: the persistent batch on the host, the page pool and page tables on the device, and the jitted steps.
+
+A step is two compiled programs launched back to back without waiting: the forward pass (one per (T, S) token x
+sequence bucket) returns the last hidden state of each sequence, and the sampler (one per sequence bucket and
+`SamplerFlags`) computes logits, samples, and stores each sampled id in `slot_tokens[slot]`, where the next step
+reads the ids it has not received yet. Sampling variants thus multiply only the small sampler programs, not the
+forward buckets. Results are copied to the host asynchronously; `StepHandle.result()` waits for them.
+"""
 
 import concurrent.futures
 import dataclasses
@@ -12,38 +19,73 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxpaged.buckets import Buckets
+from jaxpaged.input_batch import InputBatch, StepLayout
+from jaxpaged.kernels.reference import token_layout
 from jaxpaged.models import AttentionMetadata, LoadedModel
-from jaxpaged.sampler import SamplerOutput, SamplingTensors, sample
-from jaxpaged.sampling_batch import HostSampling
+from jaxpaged.request import Request
+from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample
+from jaxpaged.sampling_batch import SamplingBatch, pad_rows, unpack_tensors
 from jaxpaged.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+_UPDATE_CHUNK = 512  # page-table entries per update call: one compiled shape, looped for rare large admissions
+_BANNED_MIN = 8
 
-@jax.tree_util.register_dataclass
+
+def _forward(model: LoadedModel, attn_impl: str, page_size: int, params, kv_caches, page_tables, slot_tokens,
+             token_ids, seq_ints):
+    """Forward pass of a padded ragged batch; returns the updated pool and each sequence's last hidden state.
+
+    token_ids [T] int32 (-(slot + 1): the pending token sampled into `slot_tokens[slot]`); seq_ints [3S + 2]:
+    cu_q_lens [S + 1], kv_lens [S], slots [S], num_seqs [1]. The pool (argument 1) is donated.
+    """
+    num_tokens, num_seqs = token_ids.shape[0], (seq_ints.shape[0] - 2) // 3
+    cu_q_lens, kv_lens = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
+    slots, n = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:]
+    token_ids = jnp.where(token_ids < 0, slot_tokens[jnp.maximum(-token_ids - 1, 0)], token_ids)
+    seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, n, num_tokens)
+    positions = jnp.where(live, positions, 0)
+    page_indices = page_tables[slots]  # [S, max_pages]
+    page = page_indices[seq_ids, positions // page_size]
+    slot_mapping = jnp.where(live, page * page_size + positions % page_size, 0)
+    md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
+                           page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
+    hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)
+    return kv_caches, hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]  # [S, hidden]
+
+
+def _sample(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hidden, floats, ints, penalty_tokens,
+            banned_tokens):
+    """Logits of each sequence's last token -> sampled ids, also stored in `slot_tokens` (argument 0, donated)."""
+    logits = model.compute_logits(params, hidden)  # [S, V] f32
+    out = sample(logits, unpack_tensors(floats, ints[:4], penalty_tokens, banned_tokens), flags)
+    return slot_tokens.at[ints[4]].set(out.token_ids), out
+
+
+def _update_tables(page_tables, updates):
+    """page_tables[slot, col] = page for each column of updates [3, U] (donated; padding targets the pad row)."""
+    return page_tables.at[updates[0], updates[1]].set(updates[2])
+
+
 @dataclasses.dataclass
-class ModelInput:
-    """A padded ragged batch: T tokens of S sequences."""
+class StepHandle:
+    """A launched step: what was scheduled and its sampled ids on their way to the host."""
 
-    token_ids: jax.Array       # [T] int32
-    md: AttentionMetadata
-    logits_indices: jax.Array  # [S] int32  last new token of each sequence
+    sched: SchedulerOutput
+    out: SamplerOutput  # device arrays, rows in scheduling order
 
-
-def _step(model: LoadedModel, attn_impl: str, params, kv_caches, inp: ModelInput, st: SamplingTensors):
-    """forward -> logits of each sequence's last token -> sample; the page pool is donated and updated in place."""
-    hidden, kv_caches = model.forward(params, inp.token_ids, inp.md, kv_caches, attn_impl=attn_impl)
-    logits = model.compute_logits(params, hidden[inp.logits_indices])  # [S, V] f32
-    return kv_caches, sample(logits, st)
+    def result(self) -> SamplerOutput:
+        """The sampled ids and logprobs as NumPy arrays (waits for the device)."""
+        return jax.device_get(self.out)
 
 
-def _bucket_key(inp: ModelInput, st: SamplingTensors) -> tuple:
-    return (inp.token_ids.shape[0], inp.logits_indices.shape[0], st.penalty_tokens.shape[1],
-            st.banned_tokens.shape[1])
+def _spec(shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 class ModelRunner:
-    """Owns the page pool on device and the jitted step; one compiled program per bucket shape."""
+    """Owns the page pool, the device page tables and the compiled programs; one forward per bucket shape."""
 
     def __init__(self, model: LoadedModel, *, page_size: int, max_model_len: int, buckets: Buckets,
                  attn_impl: str, kv_dtype):
@@ -52,9 +94,19 @@ class ModelRunner:
         self.buckets = buckets
         self.kv_dtype = kv_dtype
         self.max_pages_per_seq = -(-max_model_len // page_size)
+        num_slots = buckets.max_num_seqs
+        self.batch = InputBatch(num_slots, max_model_len, page_size)
+        self.sampling = SamplingBatch(num_slots)
+        self._min_tokens = np.zeros(num_slots + 1, np.int32)
+        self._penalties = np.zeros(num_slots + 1, bool)
         self.kv_caches = None
-        self.step_fn = jax.jit(functools.partial(_step, model, attn_impl), donate_argnums=(1,))
-        self.executables: dict[tuple, jax.stages.Compiled] = {}  # bucket key -> compiled step
+        self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32)
+        self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32)
+        self.forward_fn = jax.jit(functools.partial(_forward, model, attn_impl, page_size), donate_argnums=(1,))
+        self.update_fn = jax.jit(_update_tables, donate_argnums=(0,))
+        self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
+
+    # ---- memory and compilation -----------------------------------------------------------------------------
 
     def _pool_shape(self, num_pages: int) -> tuple[int, int, int, int]:
         cfg = self.model.config
@@ -67,76 +119,132 @@ class ModelRunner:
                           for _ in range(self.model.config.num_hidden_layers)]
 
     def activation_bytes(self) -> int:
-        """Temporary memory of the largest bucket's compiled step (compiled against a 2-page pool)."""
-        page = jax.ShapeDtypeStruct(self._pool_shape(2), self.kv_dtype)
+        """Temporary memory of the largest forward bucket (compiled against a 2-page pool) and sampler."""
+        page = _spec(self._pool_shape(2), self.kv_dtype)
         caches = [(page, page)] * self.model.config.num_hidden_layers
         num_tokens, num_seqs = max(self.buckets.all_shapes())
-        inp, st = self._null_batch(num_tokens, num_seqs)
-        compiled = self.step_fn.lower(self.model.params, caches, inp, st).compile()
-        return int(compiled.memory_analysis().temp_size_in_bytes)
+        forward = self._lower_forward(num_tokens, num_seqs, caches).compile()
+        sampler = self._lower_sample(num_seqs, SamplerFlags(True, True, True), 1, _BANNED_MIN).compile()
+        return int(max(forward.memory_analysis().temp_size_in_bytes, sampler.memory_analysis().temp_size_in_bytes))
+
+    def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
+        return self.forward_fn.lower(self.model.params, caches or self.kv_caches, self.page_tables, self.slot_tokens,
+                                     _spec((num_tokens,)), _spec((3 * num_seqs + 2,)))
+
+    def _lower_sample(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int):
+        fn = jax.jit(functools.partial(_sample, self.model, flags), donate_argnums=(1,))
+        hidden = _spec((num_seqs, self.model.config.hidden_size), self.model.dtype)
+        return fn.lower(self.model.params, self.slot_tokens, hidden, _spec((6, num_seqs), jnp.float32),
+                        _spec((5, num_seqs)), _spec((num_seqs, penalty_width)), _spec((num_seqs, banned_width)))
+
+    def _compile(self, key: tuple) -> tuple[tuple, jax.stages.Compiled]:
+        kind, *shape = key
+        if kind == "forward":
+            return key, self._lower_forward(*shape).compile()
+        if kind == "sample":
+            return key, self._lower_sample(*shape).compile()
+        return key, self.update_fn.lower(self.page_tables, _spec((3, _UPDATE_CHUNK))).compile()
 
     def warm_up(self) -> None:
-        """Compiles (or loads from the persistent cache) every bucket shape, in parallel threads.
+        """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every
+        sequence bucket and the page-table update, in parallel threads (XLA compiles outside the GIL).
 
-        XLA compiles outside the GIL, so bucket programs build concurrently; each is kept as an executable keyed
-        by its shapes and called directly, so a step never traces or compiles after warm-up.
+        Sampler programs for penalty windows or long banned-token lists compile on first use.
         """
-        shapes = self.buckets.all_shapes()
-        workers = max(1, min(len(shapes), os.cpu_count() or 1, 8))
+        keys = [("forward", t, s) for t, s in self.buckets.all_shapes()]
+        keys += [("sample", s, f, 1, _BANNED_MIN) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
+        keys.append(("update",))
+        workers = max(1, min(len(keys), os.cpu_count() or 1, 8))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
-                tqdm(total=len(shapes), desc="Compiling step buckets", unit="bucket") as bar:
-            futures = [pool.submit(self._compile, *shape) for shape in shapes]
-            for future in concurrent.futures.as_completed(futures):
+                tqdm(total=len(keys), desc="Compiling step programs", unit="program") as bar:
+            for future in concurrent.futures.as_completed([pool.submit(self._compile, k) for k in keys]):
                 key, executable = future.result()
                 self.executables[key] = executable
                 bar.update(1)
-        logger.info("Compiled %d step buckets (tokens x seqs) with %d threads.", len(shapes), workers)
+        logger.info("Compiled %d step programs with %d threads.", len(keys), workers)
 
-    def _compile(self, num_tokens: int, num_seqs: int) -> tuple[tuple, jax.stages.Compiled]:
-        inp, st = self._null_batch(num_tokens, num_seqs)
-        return _bucket_key(inp, st), self.step_fn.lower(self.model.params, self.kv_caches, inp, st).compile()
+    def _program(self, key: tuple) -> jax.stages.Compiled:
+        program = self.executables.get(key)
+        if program is None:
+            logger.info("Compiling a step program on first use: %s", key)
+            program = self.executables[key] = self._compile(key)[1]
+        return program
 
-    def execute(self, sched: SchedulerOutput, page_tables: list[list[int]], sampling: HostSampling) -> SamplerOutput:
-        """Runs one step; returns the sampled ids and logprobs as numpy arrays (rows = scheduled requests)."""
-        inp = self._prepare_input(sched, page_tables)
-        st = sampling.to_tensors(inp.logits_indices.shape[0])
-        # rare shapes (penalty windows, many banned ids) fall back to jit and compile on first use
-        step = self.executables.get(_bucket_key(inp, st), self.step_fn)
-        self.kv_caches, out = step(self.model.params, self.kv_caches, inp, st)
-        return jax.device_get(out)
+    # ---- requests in the persistent batch --------------------------------------------------------------------
 
-    def _prepare_input(self, sched: SchedulerOutput, page_tables: list[list[int]]) -> ModelInput:
+    def remove_request(self, request_id: str) -> None:
+        """Frees a finished, aborted or preempted request's slot."""
+        self.batch.remove(request_id)
+
+    def append_token(self, request_id: str, token_id: int) -> None:
+        self.batch.append_token(request_id, token_id)
+
+    def _add_request(self, req: Request) -> None:
+        slot = self.batch.add(req)
+        p = req.sampling_params
+        self.sampling.set(slot, p, req.seed, req.num_prompt_tokens)
+        self._min_tokens[slot] = p.min_tokens
+        self._penalties[slot] = p.has_penalties
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+
+    def launch(self, sched: SchedulerOutput, pages_of) -> StepHandle:
+        """Sends the step's inputs and launches it; returns at once (the sampled ids arrive later)."""
+        for s in sched.scheduled:
+            if s.request.request_id not in self.batch.slot_of:
+                self._add_request(s.request)
+        self._send_page_updates(self.batch.page_updates(sched, pages_of))
         num_tokens = self.buckets.num_tokens(sched.num_tokens)
         num_seqs = self.buckets.num_seqs(len(sched.scheduled))
-        token_ids = np.zeros(num_tokens, np.int32)
-        positions = np.zeros(num_tokens, np.int32)
-        slots = np.zeros(num_tokens, np.int32)  # padding writes into the null page
-        table = np.zeros((num_seqs, self.max_pages_per_seq), np.int32)
-        kv_lens = np.zeros(num_seqs, np.int32)
-        cu = np.zeros(num_seqs + 1, np.int32)
-        at = 0
-        for i, (s, pages) in enumerate(zip(sched.scheduled, page_tables)):
-            start, n = s.num_computed_tokens, s.num_new_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
-            page_arr = np.asarray(pages, np.int32)
-            token_ids[at:at + n] = s.request.token_ids(start, start + n)
-            positions[at:at + n] = pos
-            slots[at:at + n] = page_arr[pos // self.page_size] * self.page_size + pos % self.page_size
-            table[i, :len(pages)] = page_arr
-            kv_lens[i] = start + n
-            at += n
-            cu[i + 1] = at
-        cu[len(sched.scheduled) + 1:] = at
-        logits_indices = np.maximum(cu[1:] - 1, 0)
-        md = AttentionMetadata(positions=positions, slot_mapping=slots, kv_lens=kv_lens, page_indices=table,
-                               cu_q_lens=cu, num_seqs=np.array([len(sched.scheduled)], np.int32))
-        return ModelInput(token_ids=token_ids, md=md, logits_indices=logits_indices)
+        lay = self.batch.layout(sched, num_tokens, num_seqs)
+        seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, np.array([lay.num_seqs], np.int32)])
+        forward = self._program(("forward", num_tokens, num_seqs))
+        self.kv_caches, hidden = forward(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
+                                         lay.token_ids, seq_ints)
+        floats, ints = self.sampling.gather(lay.slots, lay.positions)
+        ints = np.concatenate([ints, lay.sample_slots[None]])
+        penalty, banned = self._token_lists(sched, lay)
+        flags = self.sampling.flags(lay.slots)
+        sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
+        self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return StepHandle(sched, out)
 
-    def _null_batch(self, num_tokens: int, num_seqs: int) -> tuple[ModelInput, SamplingTensors]:
-        zeros = np.zeros(num_tokens, np.int32)
-        md = AttentionMetadata(positions=zeros, slot_mapping=zeros, kv_lens=np.zeros(num_seqs, np.int32),
-                               page_indices=np.zeros((num_seqs, self.max_pages_per_seq), np.int32),
-                               cu_q_lens=np.zeros(num_seqs + 1, np.int32), num_seqs=np.zeros(1, np.int32))
-        inp = ModelInput(token_ids=zeros, md=md, logits_indices=np.zeros(num_seqs, np.int32))
-        return inp, HostSampling([]).to_tensors(num_seqs)
+    def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
+        rows, cols, vals = updates
+        update = self._program(("update",))
+        for at in range(0, len(rows), _UPDATE_CHUNK):
+            chunk = np.zeros((3, _UPDATE_CHUNK), np.int32)
+            chunk[0] = self.batch.pad_slot
+            n = min(_UPDATE_CHUNK, len(rows) - at)
+            chunk[0, :n], chunk[1, :n], chunk[2, :n] = rows[at:at + n], cols[at:at + n], vals[at:at + n]
+            self.page_tables = update(self.page_tables, chunk)
 
+    def _token_lists(self, sched: SchedulerOutput, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
+        """Penalty windows [S, W] (prompt + outputs; W = 1 when no row has penalties) and banned ids [S, K]
+        (EOS and stop ids before min_tokens). Built per row only in the rare steps that need them.
+
+        NOTE: penalties read the request's tokens on the host, so the engine runs such steps synchronously.
+        """
+        num_seqs = lay.slots.shape[0]
+        n = lay.num_seqs
+        rows = sched.scheduled
+        if self._penalties[lay.slots].any():
+            penalty = pad_rows([s.request.token_ids(0, s.request.num_known_tokens)
+                                if s.request.sampling_params.has_penalties else [] for s in rows], num_seqs, 64)
+        else:
+            penalty = np.full((num_seqs, 1), -1, np.int32)
+        if (lay.positions[:n] < self._min_tokens[lay.slots[:n]]).any():
+            banned = pad_rows([_banned(s.request, int(lay.positions[i])) for i, s in enumerate(rows)], num_seqs,
+                              _BANNED_MIN)
+        else:
+            banned = np.full((num_seqs, _BANNED_MIN), -1, np.int32)
+        return penalty, banned
+
+
+def _banned(req: Request, position: int) -> list[int]:
+    p = req.sampling_params
+    if position >= p.min_tokens:
+        return []
+    return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids))

@@ -2,6 +2,10 @@
 
 Only the sampled ids and their logprobs leave the device. Randomness is keyed per request and per output
 position (`fold_in(PRNGKey(seed), position)`), so a request samples the same tokens whatever batch it is in.
+`SamplerFlags` (static, part of the compiled program's key) skip what no row of the step needs: an all-greedy
+batch draws no noise, a batch without top-k/top-p/min-p sorts nothing, and top-k logprobs and ranks are
+computed only when a row asked for logprobs. Static flags rather than `lax.cond`: a conditional on the GPU
+copies its predicate to the host and blocks the dispatching thread until the device reaches it.
 """
 
 import dataclasses
@@ -32,30 +36,53 @@ class SamplingTensors:
     banned_tokens: jax.Array       # [S, K] int32  ids masked out (EOS before min_tokens), -1 padded
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplerFlags:
+    """What a step's sampler must do (static). `random`: some row has temperature > 0; `filter`: some row uses
+    top-k, top-p or min-p; `logprobs`: some row wants logprobs."""
+
+    random: bool = False
+    filter: bool = False
+    logprobs: bool = False
+
+    @classmethod
+    def all(cls) -> list["SamplerFlags"]:
+        """Every distinct combination (filtering only matters when sampling)."""
+        return [cls(r, f, lp) for r in (False, True) for f in ((False, True) if r else (False,))
+                for lp in (False, True)]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerOutput:
     token_ids: jax.Array    # [S] int32
     logprobs: jax.Array     # [S] f32  raw logprob of the sampled token
     ranks: jax.Array        # [S] int32  1 = most likely under the raw distribution
-    top_ids: jax.Array      # [S, MAX_LOGPROBS] int32
-    top_logprobs: jax.Array # [S, MAX_LOGPROBS] f32
+    top_ids: jax.Array      # [S, MAX_LOGPROBS] int32 ([S, 0] without flags.logprobs)
+    top_logprobs: jax.Array # [S, MAX_LOGPROBS] f32 ([S, 0] without flags.logprobs)
 
 
-def sample(logits: jax.Array, t: SamplingTensors) -> SamplerOutput:
-    """Samples one token per row of `logits` [S, V] (float32)."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+    """Samples one token per row of `logits` [S, V] (float32); logprob fields are zeros unless flags.logprobs."""
+    raw = logits
     if t.penalty_tokens.shape[1] > 1:
         logits = _apply_penalties(logits, t)
     logits = _mask_tokens(logits, t.banned_tokens)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(t.temperature, _EPS)[:, None]
-    needs_filter = jnp.any((t.top_k > 0) | (t.top_p < 1.0) | (t.min_p > 0.0))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, t)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(t.seeds, t.positions)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], jnp.float32))(keys)
-    sampled = jnp.argmax(scaled + gumbel, axis=-1)
-    token_ids = jnp.where(t.temperature < _EPS, greedy, sampled).astype(jnp.int32)
+    token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if flags.random:
+        scaled = logits / jnp.maximum(t.temperature, _EPS)[:, None]
+        if flags.filter:
+            scaled = _filter(scaled, t)
+        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(t.seeds, t.positions)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], jnp.float32))(keys)
+        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        token_ids = jnp.where(t.temperature < _EPS, token_ids, sampled)
+    num_rows = logits.shape[0]
+    if not flags.logprobs:
+        empty = jnp.zeros((num_rows, 0), jnp.int32)
+        return SamplerOutput(token_ids, jnp.zeros(num_rows, jnp.float32), jnp.zeros(num_rows, jnp.int32), empty,
+                             empty.astype(jnp.float32))
+    raw_logprobs = jax.nn.log_softmax(raw, axis=-1)
     lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
     ranks = jnp.sum(raw_logprobs > lp[:, None], axis=-1).astype(jnp.int32) + 1
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, logits.shape[1]))

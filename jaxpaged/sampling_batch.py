@@ -1,10 +1,19 @@
-"""Host side of sampling: per-sequence rows of a step packed into padded `SamplingTensors`."""
+"""Host side of sampling: per-slot sampling parameters, kept for a request's life, gathered into a step's tensors.
 
-import dataclasses
+A request's parameters are written once, when it takes a slot of the persistent batch; a step gathers the rows of
+its scheduled slots with one NumPy take per column and packs them into two arrays (one float32, one int32), so a
+step costs two host-to-device copies, not one per field.
+"""
 
+import jax
 import numpy as np
 
-from jaxpaged.sampler import SamplingTensors
+from jaxpaged.sampler import SamplerFlags, SamplingTensors
+from jaxpaged.sampling_params import SamplingParams
+
+_EPS = 1e-5
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+INT_FIELDS = ("top_k", "seeds", "num_prompt_tokens")
 
 
 def _width(n: int, minimum: int) -> int:
@@ -12,58 +21,52 @@ def _width(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-@dataclasses.dataclass
-class SeqSampling:
-    """Host-side sampling state of one scheduled sequence that samples this step."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: int
-    position: int
-    presence_penalty: float
-    frequency_penalty: float
-    repetition_penalty: float
-    penalty_tokens: list[int] | None  # prompt + output ids when the request has penalties
-    num_prompt_tokens: int
-    banned_tokens: list[int]
-
-
-@dataclasses.dataclass
-class HostSampling:
-    """The step's per-sequence sampling rows (in batch order), turned into padded device arrays."""
-
-    rows: list[SeqSampling]
-
-    def to_tensors(self, num_seqs: int) -> SamplingTensors:
-        def col(name, dtype, fill):
-            arr = np.full(num_seqs, fill, dtype)
-            arr[:len(self.rows)] = [getattr(r, name) for r in self.rows]
-            return arr
-
-        pen = [r.penalty_tokens or [] for r in self.rows]
-        width = _width(max(map(len, pen), default=0), 64) if any(pen) else 1
-        banned_width = _width(max((len(r.banned_tokens) for r in self.rows), default=0), 8)
-        return SamplingTensors(
-            temperature=col("temperature", np.float32, 0.0),
-            top_p=col("top_p", np.float32, 1.0),
-            top_k=col("top_k", np.int32, 0),
-            min_p=col("min_p", np.float32, 0.0),
-            seeds=col("seed", np.uint32, 0),
-            positions=col("position", np.int32, 0),
-            presence_penalty=col("presence_penalty", np.float32, 0.0),
-            frequency_penalty=col("frequency_penalty", np.float32, 0.0),
-            repetition_penalty=col("repetition_penalty", np.float32, 1.0),
-            penalty_tokens=_pad_rows(pen, num_seqs, width),
-            num_prompt_tokens=col("num_prompt_tokens", np.int32, 0),
-            banned_tokens=_pad_rows([r.banned_tokens for r in self.rows], num_seqs, banned_width),
-        )
-
-
-def _pad_rows(rows: list[list[int]], num_rows: int, width: int) -> np.ndarray:
+def pad_rows(rows: list[list[int]], num_rows: int, minimum: int) -> np.ndarray:
+    """[num_rows, W] int32, -1 padded, W a power of two >= the longest row (and >= minimum)."""
+    width = _width(max(map(len, rows), default=0), minimum)
     out = np.full((num_rows, width), -1, np.int32)
     for i, row in enumerate(rows):
         out[i, :len(row)] = row
     return out
 
+
+class SamplingBatch:
+    """Sampling parameters of `num_slots` request slots; slot `num_slots` is the neutral padding slot."""
+
+    def __init__(self, num_slots: int):
+        self.pad_slot = num_slots
+        self.floats = np.zeros((len(FLOAT_FIELDS), num_slots + 1), np.float32)  # [F, slots + 1]
+        self.ints = np.zeros((len(INT_FIELDS), num_slots + 1), np.int32)        # [I, slots + 1]
+        self.logprobs = np.zeros(num_slots + 1, bool)
+        self.set(self.pad_slot, SamplingParams(temperature=0.0), seed=0, num_prompt_tokens=0)
+
+    def set(self, slot: int, p: SamplingParams, seed: int, num_prompt_tokens: int) -> None:
+        """Writes one request's parameters into its slot."""
+        for i, name in enumerate(FLOAT_FIELDS):
+            self.floats[i, slot] = getattr(p, name)
+        seed_bits = np.array(seed & 0xFFFFFFFF, np.uint32).view(np.int32)
+        self.ints[:, slot] = (p.top_k if p.top_k > 0 else 0, seed_bits, num_prompt_tokens)
+        self.logprobs[slot] = p.logprobs is not None
+
+    def flags(self, slots: np.ndarray) -> SamplerFlags:
+        """The sampler work the rows of `slots` [S] need."""
+        f = self.floats[:, slots]
+        random = bool(np.any(f[0] >= _EPS))
+        filt = random and bool(np.any((self.ints[0, slots] > 0) | (f[1] < 1.0) | (f[2] > 0.0)))
+        return SamplerFlags(random=random, filter=filt, logprobs=bool(np.any(self.logprobs[slots])))
+
+    def gather(self, slots: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(floats [F, S], ints [I + 1, S]) of the rows `slots` [S]; `positions` [S] (output index sampled) last."""
+        return self.floats[:, slots], np.concatenate([self.ints[:, slots], positions[None].astype(np.int32)])
+
+
+def unpack_tensors(floats, ints, penalty_tokens, banned_tokens) -> SamplingTensors:
+    """SamplingTensors from `SamplingBatch.gather`'s packed arrays (inside the jitted step)."""
+    f = dict(zip(FLOAT_FIELDS, floats))
+    top_k, seeds, num_prompt, positions = ints
+    return SamplingTensors(
+        temperature=f["temperature"], top_p=f["top_p"], top_k=top_k, min_p=f["min_p"],
+        seeds=jax.lax.bitcast_convert_type(seeds, np.uint32), positions=positions,
+        presence_penalty=f["presence_penalty"], frequency_penalty=f["frequency_penalty"],
+        repetition_penalty=f["repetition_penalty"], penalty_tokens=penalty_tokens, num_prompt_tokens=num_prompt,
+        banned_tokens=banned_tokens)

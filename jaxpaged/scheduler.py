@@ -12,16 +12,15 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(slots=True)
 class ScheduledRequest:
-    """One request's share of a step: `num_new_tokens` tokens from `num_computed_tokens` on."""
+    """One request's share of a step: `num_new_tokens` tokens from `num_computed_tokens` on.
+
+    `samples`: the chunk reaches the request's last token, so the step samples its next one (a pending token).
+    """
 
     request: Request
     num_computed_tokens: int
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the request's last token, so the step samples its next one."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    samples: bool
 
 
 @dataclasses.dataclass(slots=True)
@@ -43,8 +42,10 @@ class Scheduler:
     its pages are freed, its progress reset, and it goes back to the head of the waiting queue.
     """
 
-    def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
         self.pages = page_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: collections.deque[Request] = collections.deque()
@@ -59,12 +60,20 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """Picks this step's work and marks it computed (its K/V are written by the step about to run).
+
+        With async scheduling a step is scheduled before the previous one's tokens reach the host: a request whose
+        pending tokens already reach max_tokens or max_model_len is left out until they arrive and it finishes.
+        """
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and self._reaches_limit(req):
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.pages.allocate(req, num_new):
                 victim = self.running.pop()
@@ -73,12 +82,25 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
+                scheduled.append(self._take(req, num_new))
                 budget -= num_new
                 i += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         return SchedulerOutput(scheduled, preempted)
+
+    def _reaches_limit(self, req: Request) -> bool:
+        p = req.sampling_params
+        return req.num_tokens >= self.max_model_len or (
+            p.max_tokens is not None and req.num_planned_outputs >= p.max_tokens)
+
+    @staticmethod
+    def _take(req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        samples = start + num_new == req.num_tokens
+        req.num_computed_tokens = start + num_new
+        req.num_pending += samples
+        return ScheduledRequest(req, start, num_new, samples)
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -94,7 +116,7 @@ class Scheduler:
                 req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledRequest(req, num_computed, num_new))
+            scheduled.append(self._take(req, num_new))
             budget -= num_new
         return budget
 
@@ -108,11 +130,6 @@ class Scheduler:
         logger.warning(
             "Preempted request %s (recompute of %d tokens); the KV pool is too small for this load: raise "
             "gpu_memory_utilization / kv_cache_memory_bytes or lower max_num_seqs.", req.request_id, req.num_tokens)
-
-    def update_computed(self, out: SchedulerOutput) -> None:
-        """Marks the scheduled tokens as computed after the device step."""
-        for s in out.scheduled:
-            s.request.num_computed_tokens = s.num_computed_tokens + s.num_new_tokens
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Ends a request (stop, length or abort), freeing its pages wherever it is."""

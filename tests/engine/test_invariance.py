@@ -58,3 +58,11 @@ def test_tiny_pool_preempts_and_resumes_with_same_tokens(baseline):
     small, m = run(llm)
     assert m["vllm:num_preemptions"] > 0
     assert small == tokens
+
+
+def test_async_scheduling_off_gives_same_outputs(baseline):
+    _, tokens, _ = baseline
+    llm = LLM(**KW, async_scheduling=False, num_gpu_blocks_override=20)  # synchronous, and preempting
+    sync, m = run(llm)
+    assert sync == tokens
+    assert m["vllm:num_preemptions"] > 0

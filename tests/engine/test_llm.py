@@ -136,7 +136,7 @@ def test_no_compilation_after_warm_up_in_200_random_steps(llm):
         lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
         else None)
     executables = dict(engine.runner.executables)
-    cache_size = engine.runner.step_fn._cache_size()
+    cache_size = engine.runner.forward_fn._cache_size()
     rng = random.Random(0)
     words = "the of and a to in is you that it he was for on are as with his they I at be this have from".split()
     for i in range(200):
@@ -151,6 +151,6 @@ def test_no_compilation_after_warm_up_in_200_random_steps(llm):
         engine.page_manager.check_invariants()
     engine.abort_request(list(engine.groups))
     assert engine.runner.executables == executables
-    assert engine.runner.step_fn._cache_size() == cache_size
+    assert engine.runner.forward_fn._cache_size() == cache_size
     assert compiles == []
     assert metrics(llm)["vllm:kv_cache_usage_perc"] == 0

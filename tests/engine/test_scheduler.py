@@ -10,7 +10,7 @@ from jaxpaged.scheduler import Scheduler
 
 
 def make(num_pages=64, page_size=4, max_seqs=4, budget=16, caching=True):
-    return Scheduler(PageManager(num_pages, page_size, caching), max_seqs, budget)
+    return Scheduler(PageManager(num_pages, page_size, caching), max_seqs, budget, max_model_len=1024)
 
 
 def add(s, rid, prompt_len, max_tokens=4, base=0):
@@ -22,10 +22,9 @@ def add(s, rid, prompt_len, max_tokens=4, base=0):
 def step(s):
     """Schedules, 'computes', samples token 7 for finished chunks and ends requests at max_tokens."""
     out = s.schedule()
-    s.update_computed(out)
     for sr in out.scheduled:
         if sr.samples:
-            sr.request.output_token_ids.append(7)
+            sr.request.append_output(7)
             if len(sr.request.output_token_ids) >= sr.request.sampling_params.max_tokens:
                 s.finish(sr.request, RequestStatus.FINISHED_LENGTH)
     return out

@@ -62,19 +62,21 @@ def test_serving_sized_batches_compile(topology, heads, page_size, seqs, pages, 
 
 
 def compile_engine_step(model, *, max_model_len: int, buckets, num_pages: int, topology: str = "v5e:2x2"):
-    """The engine's whole jitted step (attention_impl="tpu", on-device sampling, donated page pool) compiled for
+    """The engine's forward program (attention_impl="tpu", donated page pool, device page tables) compiled for
     one chip of `topology` in the largest bucket; returns the compiled HLO text."""
     from jaxpaged.runner import ModelRunner
 
     runner = ModelRunner(model, page_size=16, max_model_len=max_model_len, buckets=buckets, attn_impl="tpu",
                          kv_dtype=jnp.bfloat16)
     on = jax.sharding.SingleDeviceSharding(tpu_device(topology))
-    page = jax.ShapeDtypeStruct(runner._pool_shape(num_pages), jnp.bfloat16, sharding=on)
-    inp, st = runner._null_batch(*max(buckets.all_shapes()))
-    params, inp, st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
-                                   (model.params, inp, st))
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+    page = spec(runner._pool_shape(num_pages), jnp.bfloat16)
+    num_tokens, num_seqs = max(buckets.all_shapes())
+    params = jax.tree.map(lambda x: spec(x.shape, x.dtype), model.params)
+    tables, slot_tokens = spec(runner.page_tables.shape), spec(runner.slot_tokens.shape)
     layers = model.config.num_hidden_layers
-    return runner.step_fn.lower(params, [(page, page)] * layers, inp, st).compile().as_text()
+    return runner.forward_fn.lower(params, [(page, page)] * layers, tables, slot_tokens, spec((num_tokens,)),
+                                   spec((3 * num_seqs + 2,))).compile().as_text()
 
 
 def test_engine_step_compiles_for_tpu():

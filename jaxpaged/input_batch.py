@@ -1,0 +1,111 @@
+"""The persistent input batch (as vLLM v1's `InputBatch`): per-slot token ids and page tables, updated by diffs.
+
+A running request owns one slot from admission until it finishes or is preempted. Its prompt is copied into the
+slot's token row once; each output token is appended as it arrives; its page table is mirrored on the device and
+only new pages are sent. Building a step is then a few vectorised NumPy gathers over the scheduled slots.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from jaxpaged.request import Request
+from jaxpaged.scheduler import SchedulerOutput
+
+
+@dataclasses.dataclass(slots=True)
+class StepLayout:
+    """A scheduled step as flat host arrays, padded to its (T, S) bucket.
+
+    `token_ids` holds -(slot + 1) where the token is still pending on the device: the step reads it from the
+    previous step's sampled ids (`slot_tokens[slot]`).
+    """
+
+    token_ids: np.ndarray     # [T] int32
+    cu_q_lens: np.ndarray     # [S + 1] int32
+    kv_lens: np.ndarray       # [S] int32
+    slots: np.ndarray         # [S] int32  slot of each sequence (padding: the pad slot)
+    num_seqs: int
+    sample_slots: np.ndarray  # [S] int32  slot to store the sampled id in (pad slot: row does not sample)
+    positions: np.ndarray     # [S] int32  index of the sampled token among the request's outputs
+
+
+class InputBatch:
+    """Token rows [slots, max_model_len] and page-table bookkeeping of up to `num_slots` running requests.
+
+    Slot `num_slots` is the padding slot: its device page-table row stays all null pages.
+    """
+
+    def __init__(self, num_slots: int, max_model_len: int, page_size: int):
+        self.num_slots = num_slots
+        self.pad_slot = num_slots
+        self.page_size = page_size
+        self.tokens = np.zeros((num_slots, max_model_len), np.int32)  # lazily touched by the OS: rows fill as used
+        self.num_known = np.zeros(num_slots + 1, np.int32)
+        self.num_prompt = np.zeros(num_slots + 1, np.int32)
+        self.pages_sent = [0] * num_slots
+        self.slot_of: dict[str, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def add(self, req: Request) -> int:
+        """Gives `req` a slot and copies its known tokens there; returns the slot."""
+        slot = self._free.pop()
+        self.slot_of[req.request_id] = slot
+        n_prompt, n = req.num_prompt_tokens, req.num_known_tokens
+        self.tokens[slot, :n_prompt] = req.prompt_token_ids
+        self.tokens[slot, n_prompt:n] = req.output_token_ids
+        self.num_known[slot], self.num_prompt[slot] = n, n_prompt
+        self.pages_sent[slot] = 0
+        return slot
+
+    def remove(self, request_id: str) -> None:
+        """Frees the request's slot (finished, aborted or preempted); unknown ids are ignored."""
+        slot = self.slot_of.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def append_token(self, request_id: str, token_id: int) -> None:
+        """Records an arrived output token in the request's row (a request without a slot is skipped)."""
+        slot = self.slot_of.get(request_id)
+        if slot is not None:
+            self.tokens[slot, self.num_known[slot]] = token_id
+            self.num_known[slot] += 1
+
+    def page_updates(self, sched: SchedulerOutput, pages_of) -> tuple[list[int], list[int], list[int]]:
+        """(slots, columns, page ids) of page-table entries the device does not have yet."""
+        rows, cols, vals = [], [], []
+        for s in sched.scheduled:
+            slot = self.slot_of[s.request.request_id]
+            pages = pages_of(s.request.request_id)
+            sent = self.pages_sent[slot]
+            if len(pages) > sent:
+                rows += [slot] * (len(pages) - sent)
+                cols += range(sent, len(pages))
+                vals += pages[sent:]
+                self.pages_sent[slot] = len(pages)
+        return rows, cols, vals
+
+    def layout(self, sched: SchedulerOutput, num_tokens: int, num_seqs: int) -> StepLayout:
+        """Flat token ids and per-sequence arrays of a step, padded to `num_tokens` x `num_seqs`."""
+        n = len(sched.scheduled)
+        meta = np.array([(self.slot_of[s.request.request_id], s.num_computed_tokens, s.num_new_tokens, s.samples)
+                         for s in sched.scheduled], np.int32).reshape(n, 4)
+        slot, start, count, samples = meta.T
+        slots = np.full(num_seqs, self.pad_slot, np.int32)
+        slots[:n] = slot
+        cu = np.zeros(num_seqs + 1, np.int32)
+        np.cumsum(count, out=cu[1:n + 1])
+        total = int(cu[n])
+        cu[n + 1:] = total
+        kv_lens = np.zeros(num_seqs, np.int32)
+        kv_lens[:n] = start + count
+        seq = np.repeat(np.arange(n), count)  # [total]
+        pos = np.arange(total, dtype=np.int32) - cu[seq] + start[seq]
+        row = slot[seq]
+        token_ids = np.zeros(num_tokens, np.int32)
+        token_ids[:total] = np.where(pos < self.num_known[row], self.tokens[row, pos], -(row + 1))
+        sample_slots = np.full(num_seqs, self.pad_slot, np.int32)
+        sample_slots[:n] = np.where(samples > 0, slot, self.pad_slot)
+        positions = np.zeros(num_seqs, np.int32)
+        positions[:n] = kv_lens[:n] - self.num_prompt[slot]
+        return StepLayout(token_ids, cu, kv_lens, slots, n, sample_slots, positions)

@@ -1,0 +1,136 @@
+"""Output processing (vLLM v1's `OutputProcessor`): sampled ids -> detokenized text, stop checks, RequestOutputs.
+
+Per step it costs O(tokens that arrived): each token is detokenized incrementally and checked against the stop
+conditions once; a `RequestOutput` is built only for the groups that progressed, and what it carries follows the
+request's `output_kind` (vLLM's `RequestOutputKind`): CUMULATIVE copies everything so far, DELTA only what is new
+since the group's previous output, FINAL_ONLY builds one output when the group finishes.
+"""
+
+import dataclasses
+
+from jaxpaged.detokenizer import IncrementalDetokenizer, make_detokenizer
+from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxpaged.request import Request, RequestStatus
+from jaxpaged.sampler import SamplerOutput
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.scheduler import SchedulerOutput
+
+
+@dataclasses.dataclass(eq=False)
+class RequestGroup:
+    """A user request: `n` child sequences sharing one prompt (children share its full pages via prefix caching)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    sent_tokens: list[int] = dataclasses.field(default_factory=list)  # per child: tokens already in an output
+    sent_chars: list[int] = dataclasses.field(default_factory=list)   # per child: text already in an output
+
+    def __post_init__(self) -> None:
+        self.sent_tokens = [0] * len(self.children)
+        self.sent_chars = [0] * len(self.children)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.children)
+
+    def to_output(self) -> RequestOutput:
+        """The group's output after a step, as its `output_kind` asks."""
+        delta = self.params.output_kind is RequestOutputKind.DELTA
+        outputs = [self._completion(i, delta) for i in range(len(self.children))]
+        cached = max(self.children[0].num_cached_tokens, 0)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, self.finished, cached)
+
+    def _completion(self, i: int, delta: bool) -> CompletionOutput:
+        req, text = self.children[i], self.detokenizers[i].text
+        tok0, char0 = (self.sent_tokens[i], self.sent_chars[i]) if delta else (0, 0)
+        self.sent_tokens[i], self.sent_chars[i] = len(req.output_token_ids), len(text)
+        want_logprobs = self.params.logprobs is not None
+        return CompletionOutput(
+            index=i, text=text[char0:], token_ids=req.output_token_ids[tok0:],
+            cumulative_logprob=req.cumulative_logprob if want_logprobs else None,
+            logprobs=req.logprobs[tok0:] if want_logprobs else None,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+
+
+class OutputProcessor:
+    """Holds the live request groups; turns a finished step's sampled ids into outputs and finish decisions."""
+
+    def __init__(self, tokenizer, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.groups: dict[str, RequestGroup] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+            children: list[Request]) -> RequestGroup:
+        detoks = [make_detokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                                   stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+                  for _ in children]
+        group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks)
+        self.groups[request_id] = group
+        for i, child in enumerate(children):
+            child.group, child.index = group, i
+        return group
+
+    def process(self, sched: SchedulerOutput, out: SamplerOutput, on_token, on_finish) -> list[RequestOutput]:
+        """Appends each sampled id of a live request, calling `on_token(req, id)`, and `on_finish(req, status)`
+        when a stop condition is met; returns the outputs of the groups that progressed (finished groups are
+        dropped). Rows of requests that finished or were aborted while the step ran are ignored."""
+        touched: dict[str, RequestGroup] = {}
+        token_ids = out.token_ids.tolist()
+        for row, s in enumerate(sched.scheduled):
+            req = s.request
+            if not s.samples or req.finished:
+                continue
+            token = token_ids[row]
+            req.append_output(token)
+            on_token(req, token)
+            if req.sampling_params.logprobs is not None:
+                self._add_logprobs(req, token, out, row)
+            status = self._check_stop(req, token)
+            if status is not None:
+                on_finish(req, status)
+            touched[req.group.request_id] = req.group
+        outputs = []
+        for group in touched.values():
+            finished = group.finished
+            if finished or group.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(group.to_output())
+            if finished:
+                self.groups.pop(group.request_id, None)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.sampling_params
+        detok = req.group.detokenizers[req.index]
+        stop_str = detok.append(token)
+        status = None
+        if stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif token in p.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif not p.ignore_eos and token in req.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        elif req.num_known_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            detok.finish()
+        return status
+
+    def _add_logprobs(self, req: Request, token: int, out: SamplerOutput, row: int) -> None:
+        k = req.sampling_params.logprobs
+        lp = float(out.logprobs[row])
+        req.cumulative_logprob += lp
+        ids = [token] + out.top_ids[row, :k].tolist()
+        lps = [lp] + out.top_logprobs[row, :k].tolist()
+        ranks = [int(out.ranks[row])] + list(range(1, k + 1))
+        texts = self.tokenizer.convert_ids_to_tokens(ids) if self.tokenizer else [None] * len(ids)
+        result = {}
+        for tid, lp, rank, text in zip(ids, lps, ranks, texts):
+            result.setdefault(tid, Logprob(lp, rank, text))
+        req.logprobs.append(result)

@@ -1,0 +1,63 @@
+"""Persistent input batch: slots, token rows, page-table diffs and the flat step layout with pending tokens."""
+
+import numpy as np
+
+from jaxpaged.input_batch import InputBatch
+from jaxpaged.page_manager import PageManager
+from jaxpaged.request import Request
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import Scheduler
+
+
+def setup(num_slots=4, page_size=4):
+    pm = PageManager(32, page_size)
+    return pm, Scheduler(pm, num_slots, 64, max_model_len=64), InputBatch(num_slots, 64, page_size)
+
+
+def admit(batch, sched):
+    for s in sched.scheduled:
+        if s.request.request_id not in batch.slot_of:
+            batch.add(s.request)
+
+
+def test_prefill_then_decode_reads_pending_token_from_its_slot():
+    pm, sch, batch = setup()
+    a = Request("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4))
+    b = Request("b", [1, 2], SamplingParams(max_tokens=4))
+    sch.add_request(a)
+    sch.add_request(b)
+    out = sch.schedule()
+    admit(batch, out)
+    lay = batch.layout(out, 16, 8)
+    assert lay.token_ids.tolist() == [5, 6, 7, 8, 9, 1, 2] + [0] * 9
+    assert lay.cu_q_lens.tolist() == [0, 5, 7, 7, 7, 7, 7, 7, 7] and lay.kv_lens.tolist()[:3] == [5, 2, 0]
+    assert lay.slots.tolist() == [0, 1] + [4] * 6 and lay.num_seqs == 2
+    assert lay.sample_slots.tolist() == [0, 1] + [4] * 6 and lay.positions.tolist()[:2] == [0, 0]
+    # the next step is scheduled before step 1's tokens arrive: both decode a pending token
+    out2 = sch.schedule()
+    lay2 = batch.layout(out2, 16, 8)
+    assert lay2.token_ids.tolist()[:2] == [-1, -2]
+    assert lay2.kv_lens.tolist()[:2] == [6, 3] and lay2.positions.tolist()[:2] == [1, 1]
+    a.append_output(42)
+    batch.append_token("a", 42)
+    assert batch.tokens[0, :6].tolist() == [5, 6, 7, 8, 9, 42] and a.num_pending == 1
+
+
+def test_page_updates_send_only_new_pages_and_a_new_slot_owner_starts_over():
+    pm, sch, batch = setup(page_size=4)
+    a = Request("a", list(range(7)), SamplingParams(max_tokens=8))
+    sch.add_request(a)
+    out = sch.schedule()
+    admit(batch, out)
+    rows, cols, vals = batch.page_updates(out, pm.pages_of)
+    assert (rows, cols, vals) == ([0, 0], [0, 1], pm.pages_of("a"))
+    a.append_output(3)
+    out = sch.schedule()  # position 7 still fits in page 2
+    assert batch.page_updates(out, pm.pages_of) == ([], [], [])
+    a.append_output(3)
+    out = sch.schedule()  # position 8 opens a third page
+    assert batch.page_updates(out, pm.pages_of) == ([0], [2], [pm.pages_of("a")[2]])
+    batch.remove("a")
+    b = Request("b", [9] * 3, SamplingParams())
+    assert batch.add(b) == 0 and batch.pages_sent[0] == 0
+    assert np.all(batch.tokens[0, :3] == 9) and batch.num_known[0] == 3
