@@ -2,7 +2,7 @@
 
 import dataclasses
 
-ATTENTION_IMPLS = ("auto", "reference", "gpu", "tpu")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "gpu", "tpu")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 
@@ -14,7 +14,8 @@ class EngineArgs:
     `max_num_seqs` and `max_num_batched_tokens` default per backend (None): 256 / 8192 on GPU and TPU as in vLLM,
     16 / 256 on CPU, where every compiled bucket costs seconds. `kv_cache_memory_bytes` sizes the page pool
     directly; on CPU without it the pool holds `max_num_seqs` full-length sequences (capped at 1 GiB).
-    `attention_impl` picks the ragged paged attention kernel ("auto" follows the backend).
+    `attention_impl` picks the ragged paged attention kernel ("auto" follows the backend; "xla" is the blocked
+    pure-JAX one that CPU uses).
     `compilation_cache_dir` is JAX's persistent compilation cache (None: ~/.cache/jaxpaged/xla).
     `async_scheduling` keeps one step in flight: the host schedules step N+1 and processes step N's outputs while
     the device runs (vLLM's name; here on by default, since outputs are the same and the host loop is hidden).

@@ -37,12 +37,12 @@ class RequestGroup:
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
 
-    def to_output(self) -> RequestOutput:
+    def to_output(self, finished: bool) -> RequestOutput:
         """The group's output after a step, as its `output_kind` asks."""
         delta = self.params.output_kind is RequestOutputKind.DELTA
         outputs = [self._completion(i, delta) for i in range(len(self.children))]
         cached = max(self.children[0].num_cached_tokens, 0)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, self.finished, cached)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, finished, cached)
 
     def _completion(self, i: int, delta: bool) -> CompletionOutput:
         req, text = self.children[i], self.detokenizers[i].text
@@ -98,7 +98,7 @@ class OutputProcessor:
         for group in touched.values():
             finished = group.finished
             if finished or group.params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                outputs.append(group.to_output())
+                outputs.append(group.to_output(finished))
             if finished:
                 self.groups.pop(group.request_id, None)
         return outputs

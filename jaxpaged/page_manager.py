@@ -76,6 +76,9 @@ class PageManager:
         num_computed = req.num_computed_tokens + len(cached_pages) * self.page_size
         total = num_computed + num_new_tokens
         num_needed = -(-total // self.page_size) - len(pages) - len(cached_pages)
+        if num_needed <= 0 and not cached_pages and (
+                not self.enable_prefix_caching or total // self.page_size <= self._num_hashed.get(req.request_id, 0)):
+            return True  # a decode step inside its last page: nothing to take or hash
         num_revived = sum(1 for p in cached_pages if self.ref_counts[p] == 0)
         if num_needed > len(self.free) - num_revived:
             if not pages:

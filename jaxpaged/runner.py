@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxpaged.buckets import Buckets
 from jaxpaged.input_batch import InputBatch, StepLayout
-from jaxpaged.kernels.reference import token_layout
+from jaxpaged.kernels.reference import PAD_SLOT, token_layout
 from jaxpaged.models import AttentionMetadata, LoadedModel
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample
@@ -48,7 +48,7 @@ def _forward(model: LoadedModel, attn_impl: str, page_size: int, params, kv_cach
     positions = jnp.where(live, positions, 0)
     page_indices = page_tables[slots]  # [S, max_pages]
     page = page_indices[seq_ids, positions // page_size]
-    slot_mapping = jnp.where(live, page * page_size + positions % page_size, 0)
+    slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
     md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
                            page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
     hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)

@@ -74,7 +74,8 @@ class Scheduler:
             if req.num_pending and self._reaches_limit(req):
                 i += 1
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_tokens = req.num_tokens
+            num_new = min(num_tokens - req.num_computed_tokens, budget)
             while not self.pages.allocate(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -82,7 +83,7 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                scheduled.append(self._take(req, num_new))
+                scheduled.append(self._take(req, num_new, num_tokens))
                 budget -= num_new
                 i += 1
         if not preempted:
@@ -95,9 +96,9 @@ class Scheduler:
             p.max_tokens is not None and req.num_planned_outputs >= p.max_tokens)
 
     @staticmethod
-    def _take(req: Request, num_new: int) -> ScheduledRequest:
+    def _take(req: Request, num_new: int, num_tokens: int) -> ScheduledRequest:
         start = req.num_computed_tokens
-        samples = start + num_new == req.num_tokens
+        samples = start + num_new == num_tokens
         req.num_computed_tokens = start + num_new
         req.num_pending += samples
         return ScheduledRequest(req, start, num_new, samples)
@@ -107,7 +108,8 @@ class Scheduler:
             req = self.waiting[0]
             hits = self.pages.find_cached_prefix(req)
             num_computed = len(hits) * self.pages.page_size
-            num_new = min(req.num_tokens - num_computed, budget)
+            num_tokens = req.num_tokens
+            num_new = min(num_tokens - num_computed, budget)
             if not self.pages.allocate(req, num_new, hits):
                 break
             self.waiting.popleft()
@@ -116,7 +118,7 @@ class Scheduler:
                 req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(self._take(req, num_new))
+            scheduled.append(self._take(req, num_new, num_tokens))
             budget -= num_new
         return budget
 

@@ -11,7 +11,7 @@ class AttentionMetadata:
     """Where each new token sits and which pages each sequence reads (see `ragged_paged_attention`)."""
 
     positions: jax.Array     # [T] int32  absolute position of each new token (padding: 0)
-    slot_mapping: jax.Array  # [T] int32  page * page_size + offset to write its K/V (padding: null page)
+    slot_mapping: jax.Array  # [T] int32  page * page_size + offset to write its K/V (padding: PAD_SLOT)
     kv_lens: jax.Array       # [S] int32
     page_indices: jax.Array  # [S, max_pages_per_seq] int32
     cu_q_lens: jax.Array     # [S + 1] int32

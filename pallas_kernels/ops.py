@@ -1,23 +1,25 @@
-"""The attention entry point the model calls, dispatching to the reference or a Pallas kernel."""
+"""The attention entry point the model calls, dispatching to a pure-JAX implementation or a Pallas kernel."""
 
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels.reference import ragged_paged_attention_reference, token_layout, write_kv_pages
+from jaxpaged.kernels.reference import PAD_SLOT, ragged_paged_attention_reference, token_layout, write_kv_pages
+from jaxpaged.kernels.xla_blocked import ragged_paged_attention_xla
 
-IMPLS = ("auto", "reference", "gpu", "tpu")
+IMPLS = ("auto", "reference", "xla", "gpu", "tpu")
 
 
 def resolve_impl(impl: str, head_dim: int | None = None) -> str:
     """Maps "auto" to the implementation for `jax.default_backend()`; validates explicit names.
 
-    "auto" keeps the reference for shapes the GPU kernel does not take (a head_dim that is not a power of two).
+    "auto" is "xla" (blocked pure JAX) on CPU, and keeps the reference for shapes the GPU kernel does not take (a
+    head_dim that is not a power of two; "xla" is unmeasured on GPU).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    impl = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    impl = {"cpu": "xla", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
     if impl == "gpu" and head_dim is not None and head_dim & (head_dim - 1):
         return "reference"
     return impl
@@ -47,6 +49,8 @@ def ragged_paged_attention(
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if impl == "reference":
         return ragged_paged_attention_reference(*args, sm_scale=sm_scale)
+    if impl == "xla":
+        return ragged_paged_attention_xla(*args, sm_scale=sm_scale)
     if impl == "gpu":
         from jaxpaged.kernels.gpu_split import ragged_paged_attention_gpu
 
@@ -90,9 +94,9 @@ def ragged_paged_attention_fused(
 
 
 def slot_mapping(page_size: int, kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens: int) -> jax.Array:
-    """[T] int32 pool slot (page * page_size + offset) of each new token; padding tokens map to page 0 slot 0."""
+    """[T] int32 pool slot (page * page_size + offset) of each new token; padding tokens get PAD_SLOT."""
     seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
     pos = jnp.maximum(positions, 0)
     page = jnp.take_along_axis(page_indices[seq_ids], (pos // page_size)[:, None], axis=1,
                                mode="clip")[:, 0]
-    return jnp.where(live, page * page_size + pos % page_size, 0).astype(jnp.int32)
+    return jnp.where(live, page * page_size + pos % page_size, PAD_SLOT).astype(jnp.int32)

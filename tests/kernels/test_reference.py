@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxpaged.kernels import ragged_paged_attention, write_kv_pages
+from jaxpaged.kernels import PAD_SLOT, ragged_paged_attention, write_kv_pages
 from tests.kernels.oracle import attention_oracle, make_batch
 
 
@@ -34,6 +34,16 @@ def test_write_kv_pages_puts_each_token_in_its_slot():
     np.testing.assert_array_equal(new_k[2, 3, 0], [4, 5])
     np.testing.assert_array_equal(new_v[2, 3, 0], [-4, -5])
     assert np.count_nonzero(new_k) == 5  # value 0 at slot 5 is the only zero written
+
+
+def test_write_kv_pages_drops_padding_tokens():
+    k_pages = np.full((2, 4, 1, 2), 7, np.float32)
+    k = np.arange(8, dtype=np.float32).reshape(4, 1, 2)
+    slots = np.array([PAD_SLOT, 6, PAD_SLOT, PAD_SLOT], np.int32)
+    new_k, _ = write_kv_pages(k_pages, k_pages, k, k, slots)
+    want = k_pages.copy()
+    want[1, 2, 0] = [2, 3]
+    np.testing.assert_array_equal(np.asarray(new_k), want)  # no wrap-around into the last slot, page 0 untouched
 
 
 def test_auto_keeps_reference_for_head_dims_the_gpu_kernel_does_not_take(monkeypatch):

@@ -50,7 +50,7 @@ class PagedBatch:
         seq = np.repeat(np.arange(len(chunks)), q_lens)
         pos = np.concatenate([np.arange(l, l + q) for l, q in zip(self.lengths, q_lens)]).astype(np.int32)
         slots = self.tables[seq, pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
-        pad = t - n  # padding tokens: position 0, written into the null page
+        pad = t - n  # padding tokens: position 0, written into the null page (PAD_SLOT would drop them)
         md = AttentionMetadata(
             positions=jnp.asarray(np.pad(pos, (0, pad))), slot_mapping=jnp.asarray(np.pad(slots, (0, pad))),
             kv_lens=jnp.asarray(self.lengths + q_lens), page_indices=jnp.asarray(self.tables),

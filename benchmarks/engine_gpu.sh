@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Engine benchmarks on the GPU machine, one named step after another, each under its own timeout; every result
+# is one JSON line, printed and appended to $OUT/results.jsonl the moment it is measured.
+#   bash benchmarks/engine_gpu.sh parity 1b 1b-sync hf-compiled ragged hf-ragged profile 8b
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$root/benchmarks/device_setup.sh" >/dev/null
+export OUT=${OUT:-/tmp/out} JAXPAGED_CACHE_DIR=/tmp/jaxpaged-xla TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+mkdir -p "$OUT"
+T="python3 $root/benchmarks/throughput.py"
+FIXED="--num-prompts 256 --input-len 512 --output-len 128 --max-model-len 1024"
+RAGGED="--dataset nano-vllm --max-model-len 2048"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$@" 2>"$OUT/$name.err" | tee -a "$OUT/results.jsonl"
+  echo "=== $name rc=${PIPESTATUS[0]} ($(date -u +%H:%M:%S))"
+  tail -3 "$OUT/$name.err"
+}
+
+for s in "$@"; do
+  case $s in
+    parity) step parity 240 python3 "$root/benchmarks/engine_parity.py" ;;
+    1b) step 1b 300 $T $FIXED ;;
+    1b-sync) step 1b-sync 240 $T $FIXED --no-async-scheduling --no-roofline ;;
+    hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
+    hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
+    ragged) step ragged 300 $T $RAGGED ;;
+    hf-ragged) step hf-ragged 300 $T $RAGGED --engine hf --hf-batch-size 256 --hf-max-requests 256 --no-roofline ;;
+    profile) step profile 300 python3 "$root/benchmarks/step_profile.py" $FIXED ;;
+    8b) step 8b 420 $T --model llama-3.1-8b $FIXED ;;
+    *) echo "unknown step $s" ;;
+  esac
+done

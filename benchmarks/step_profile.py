@@ -1,0 +1,86 @@
+"""Where a jaxpaged step's time goes: host ms per `LLMEngine.step` and the device's busy fraction, from a profile.
+
+    python benchmarks/step_profile.py [--num-prompts 256 --input-len 512 --output-len 128] \
+        [--warmup-steps 32 --profile-steps 64] [--trace-dir DIR] [--python-tracer]   # + throughput.py's engine flags
+
+A decode-heavy workload (default 256 requests x 512 prompt tokens x 128 output tokens, dummy bf16 Llama-3.2-1B)
+is queued at once; after --warmup-steps steps (the prefills, by default) the next --profile-steps steps run under
+`jax.profiler.trace(DIR, create_perfetto_trace=True)`, each inside a "jaxpaged_step" trace annotation and timed
+with perf_counter. The device busy fraction is the union of GPU kernel intervals over the annotated window
+(trace_busy.py); on a CPU there is no device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's
+CPU work). Prints one JSON line (also appended to $OUT/step_profile.jsonl when $OUT is set).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+from results import emit
+from throughput import (add_engine_args, add_workload_args, build_requests, engine_kwargs, finish_args,
+                        model_config, sampling_params)
+from trace_busy import busy_summary, load_trace_events
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = add_workload_args(add_engine_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
+    p.set_defaults(input_len=512, output_len=128)
+    p.add_argument("--warmup-steps", type=int, default=32, help="steps run before the profiled window")
+    p.add_argument("--profile-steps", type=int, default=64)
+    p.add_argument("--trace-dir", default=None, help="default: /tmp/jaxpaged_step_trace")
+    p.add_argument("--python-tracer", action="store_true", help="also trace Python calls (a far larger trace)")
+    return finish_args(p.parse_args(argv))
+
+
+def profiled_steps(engine, num_steps: int, trace_dir: str, python_tracer: bool) -> tuple[list[float], float]:
+    """Runs up to `num_steps` engine steps under the profiler; returns each step's seconds and the window's.
+    Without `python_tracer` the trace holds no Python function events (they would dwarf the rest)."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = int(python_tracer)
+    times = []
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
+        start = time.perf_counter()
+        while len(times) < num_steps and engine.has_unfinished_requests():
+            with jax.profiler.TraceAnnotation("jaxpaged_step"):
+                t = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t)
+        wall = time.perf_counter() - start
+    return times, wall
+
+
+def main() -> None:
+    from jaxpaged import LLM
+
+    args = parse_args()
+    trace_dir = args.trace_dir or "/tmp/jaxpaged_step_trace"
+    requests = build_requests(args, model_config(args.model).vocab_size)
+    params = sampling_params(requests)
+    llm = LLM(args.model, **engine_kwargs(args, requests))
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm the host path
+    engine = llm.llm_engine
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"profile-{i}", prompt, p)
+    for _ in range(args.warmup_steps):
+        engine.step()
+    times, wall = profiled_steps(engine, args.profile_steps, trace_dir, args.python_tracer)
+    if not times:
+        raise SystemExit(f"all requests finished within --warmup-steps {args.warmup_steps}: nothing to profile")
+    busy = busy_summary(load_trace_events(trace_dir))
+    device_ms = None if busy["busy_us"] is None else busy["busy_us"] / 1000 / len(times)
+    emit({"steps": len(times), "wall_s": wall,
+          "host_ms_per_step": {"mean": 1000 * statistics.fmean(times), "p50": 1000 * statistics.median(times)},
+          "step_ms": [round(1000 * t, 2) for t in times],
+          "device_busy_fraction": busy["busy_fraction"], "device_ms_per_step": device_ms,
+          "device": busy["device"] or "none: no device stream in the trace",
+          "trace_window_ms": busy["window_us"] / 1000, "kernels": busy["kernels"],
+          "top_kernels_ms": {k: us / 1000 for k, us in busy["top_kernels_us"].items()},
+          "kernel_threads": busy["kernel_threads"], "cpu_xla_busy_fraction": busy["cpu_xla_busy_fraction"],
+          "trace_dir": os.path.abspath(trace_dir), "args": vars(args)}, "step_profile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The benchmark scripts' pure parts: workloads, serving metrics, the SSE parser, trace busy time, the roofline.
+Nothing here loads a model or times anything."""
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+import roofline  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
+import serving  # noqa: E402
+import trace_busy  # noqa: E402
+import workloads  # noqa: E402
+from sse_http import SSEParser  # noqa: E402
+
+from jaxpaged.models import ModelConfig  # noqa: E402
+
+
+def test_range_bounds_are_vllms_floor_and_ceil_raised_to_the_minimum():
+    assert workloads.range_bounds(100, 0.5) == (50, 150)
+    assert workloads.range_bounds(3, 0.9, minimum=1) == (1, 6)
+    assert workloads.range_bounds(7, 0.0) == (7, 7)
+    with pytest.raises(ValueError, match="range_ratio"):
+        workloads.range_bounds(10, 1.0)
+
+
+def test_random_requests_lengths_stay_in_bounds_and_repeat_by_seed():
+    reqs = workloads.random_requests(2000, 100, 10, 0.5, vocab_size=32000, seed=3)
+    ins = [len(r.prompt_token_ids) for r in reqs]
+    outs = [r.output_len for r in reqs]
+    assert (min(ins), max(ins)) == (50, 150) and (min(outs), max(outs)) == (5, 15)
+    assert all(100 <= t < 30000 for r in reqs[:50] for t in r.prompt_token_ids)
+    assert workloads.random_requests(2000, 100, 10, 0.5, 32000, seed=3) == reqs
+    assert workloads.random_requests(2000, 100, 10, 0.5, 32000, seed=4) != reqs
+
+
+def test_random_requests_without_range_are_the_earlier_fixed_length_prompts():
+    reqs = workloads.random_requests(6, 16, 4, 0.0, vocab_size=128256, seed=0)
+    earlier = np.random.default_rng(0).integers(100, 30000, size=(6, 16)).tolist()
+    assert [r.prompt_token_ids for r in reqs] == earlier
+    assert [r.output_len for r in reqs] == [4] * 6
+
+
+def test_nano_vllm_workload_is_512_requests_of_100_to_1024_tokens():
+    reqs = workloads.nano_vllm_requests()
+    ins = [len(r.prompt_token_ids) for r in reqs]
+    outs = [r.output_len for r in reqs]
+    assert len(reqs) == 512
+    assert 100 <= min(ins) and max(ins) <= 1024 and 100 <= min(outs) and max(outs) <= 1024
+    assert all(0 <= t <= 10000 for r in reqs for t in r.prompt_token_ids)
+    assert workloads.nano_vllm_requests() == reqs
+
+
+def test_nano_vllm_workload_draws_as_nano_vllm_bench_does():
+    rng = random.Random(0)  # bench.py: seed(0); prompts first, then max_tokens
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(4)]
+    outs = [rng.randint(100, 1024) for _ in range(4)]
+    reqs = workloads.nano_vllm_requests(4)
+    assert [r.prompt_token_ids for r in reqs] == prompts and [r.output_len for r in reqs] == outs
+
+
+def _results():
+    return [serving.RequestResult(prompt_len=10, start=0.0, chunk_times=[0.1, 0.15, 0.25, 0.3], output_tokens=4),
+            serving.RequestResult(prompt_len=20, start=1.0, chunk_times=[1.2], output_tokens=1),
+            serving.RequestResult(prompt_len=30, start=1.0, error="ConnectionResetError")]
+
+
+def test_request_timing_of_synthetic_chunks():
+    ttft, itl, e2el, tpot = serving.request_timing(_results()[0])
+    assert ttft == pytest.approx(0.1) and e2el == pytest.approx(0.3)
+    assert itl == pytest.approx([0.05, 0.1, 0.05])
+    assert tpot == pytest.approx(0.2 / 3)
+    assert serving.request_timing(_results()[1])[3] is None  # one output token: no TPOT
+
+
+def test_compute_metrics_counts_successes_and_takes_vllm_percentiles():
+    m = serving.compute_metrics(_results(), duration=2.0)
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (2, 1, 30, 5)
+    assert m["request_throughput"] == 1.0 and m["output_throughput"] == 2.5 and m["total_token_throughput"] == 17.5
+    assert (m["mean_ttft_ms"], m["median_ttft_ms"], m["p99_ttft_ms"]) == pytest.approx((150, 150, 199))
+    assert (m["mean_itl_ms"], m["median_itl_ms"], m["p99_itl_ms"]) == pytest.approx((200 / 3, 50, 99))
+    assert (m["mean_tpot_ms"], m["p99_tpot_ms"]) == pytest.approx((200 / 3, 200 / 3))
+    assert (m["mean_e2el_ms"], m["median_e2el_ms"]) == pytest.approx((250, 250))
+
+
+STREAM = 'data: {"t": "é"}\r\n\r\n: ping\n\nevent: x\ndata: a\ndata: b\n\ndata: [DONE]\n\n'.encode()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, len(STREAM)])
+def test_sse_parser_splits_events_whatever_the_byte_boundaries(step):
+    parser = SSEParser()
+    events = [e for i in range(0, len(STREAM), step) for e in parser.feed(STREAM[i:i + step])]
+    assert events == ['{"t": "é"}', "a\nb", "[DONE]"]
+
+
+def test_sse_parser_holds_an_unfinished_event():
+    parser = SSEParser()
+    assert parser.feed(b"data: 1\n") == []
+    assert parser.feed(b"\ndata: 2") == ["1"]
+    assert parser.feed(b"\n\n") == ["2"]
+
+
+def test_union_length_counts_overlaps_once_and_clips():
+    assert trace_busy.union_length([(20, 25), (0, 10), (5, 15)]) == 20
+    assert trace_busy.union_length([(0, 10), (5, 15), (20, 25)], lo=7, hi=22) == 10
+
+
+def _meta(pid, name, tid=None):
+    kind = "process_name" if tid is None else "thread_name"
+    return {"ph": "M", "pid": pid, "name": kind, "args": {"name": name}, **({} if tid is None else {"tid": tid})}
+
+
+def _span(pid, tid, ts, end, name="k"):
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": end - ts, "name": name}
+
+
+def test_busy_summary_unions_gpu_stream_kernels_over_the_step_window():
+    events = [_meta(1, "/device:GPU:0"), _meta(1, "Stream #13(Compute)", 10), _meta(1, "XLA Ops", 11),
+              _meta(2, "/host:CPU"), _meta(2, "python", 20),
+              _span(2, 20, 0, 100, "jaxpaged_step"), _span(2, 20, 120, 200, "jaxpaged_step"),
+              _span(1, 10, 10, 40), _span(1, 10, 30, 60), _span(1, 10, 150, 170), _span(1, 10, 190, 250),
+              _span(1, 10, 80, 90, "MemcpyH2D"), _span(1, 11, 0, 200, "fusion")]
+    s = trace_busy.busy_summary(events)
+    assert (s["device"], s["window_us"], s["busy_us"], s["kernels"]) == ("gpu", 200, 80, 4)
+    assert s["busy_fraction"] == 0.4 and s["kernel_threads"] == ["Stream #13(Compute)"]
+    assert s["top_kernels_us"] == {"k": 140}  # kernels starting in the window, whole durations
+
+
+def test_busy_summary_of_a_cpu_trace_has_no_device_and_estimates_xla_work():
+    events = [_meta(2, "/host:CPU"), _meta(2, "python", 20), _meta(2, "tf_XLAEigen/1", 21),
+              _span(2, 20, 0, 200, "jaxpaged_step"), _span(2, 21, 0, 50, "fusion"), _span(2, 21, 40, 80, "dot"),
+              _span(2, 21, 0, 200, "ThreadpoolListener::StartRegion")]
+    s = trace_busy.busy_summary(events)
+    assert (s["device"], s["busy_us"], s["busy_fraction"]) == (None, None, None)
+    assert (s["cpu_xla_busy_us"], s["cpu_xla_busy_fraction"]) == (80, 0.4)
+
+
+TINY = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=2)
+# A: 3 prompt tokens, 3 outputs (2 decode steps); B: 2 prompt tokens, 2 outputs (1 decode step)
+TWO = [workloads.BenchRequest([1, 2, 3], 3), workloads.BenchRequest([1, 2], 2)]
+
+
+def test_model_counts_of_a_tiny_config():
+    c = roofline.ModelCounts.from_config(TINY, dtype_bytes=2)
+    # per layer: q, o 4x4 each; k, v 4x2 each; mlp 3 x 4x8; 2 norms; + final norm
+    assert (c.layer_params, c.vocab_params, c.kv_elems_per_token, c.attn_flops_per_pair) == (156, 40, 4, 16)
+    assert c.weight_bytes == 392
+
+
+def test_slot_starts_take_the_first_free_slot_in_order():
+    assert roofline.slot_starts([2, 0, 3, 1], max_num_seqs=2) == [0, 0, 0, 2]
+
+
+def test_roofline_seconds_of_a_tiny_workload_one_slot():
+    c = roofline.ModelCounts.from_config(TINY, dtype_bytes=2)
+    r = roofline.workload_roofline(c, TWO, max_num_seqs=1, peak_flops=1000, copy_bytes_per_s=100)
+    # prefill: 2*156*5 + 2*40*2 + 16*(6 + 3) = 1864 FLOPs; decode reads 392 B of weights + 8 B per K/V token:
+    # A at 4 then 5 tokens, then B at 3 tokens (memory-bound at 1000 FLOP/s)
+    assert r.prefill_s == pytest.approx(1.864)
+    assert (r.decode_steps, r.output_tokens) == (3, 5)
+    assert r.decode_s == pytest.approx(4.24 + 4.32 + 4.16) and r.decode_memory_s == pytest.approx(12.72)
+    assert r.output_tokens_per_s == pytest.approx(5 / (1.864 + 12.72))
+
+
+def test_roofline_batches_slots_and_takes_compute_when_it_is_slower():
+    c = roofline.ModelCounts.from_config(TINY, dtype_bytes=2)
+    two_slots = roofline.workload_roofline(c, TWO, max_num_seqs=2, peak_flops=1000, copy_bytes_per_s=100)
+    assert two_slots.decode_steps == 2 and two_slots.decode_s == pytest.approx(4.48 + 4.32)
+    slow = roofline.workload_roofline(c, TWO, max_num_seqs=1, peak_flops=100, copy_bytes_per_s=100)
+    # per step 2*196 FLOPs of weights + 16 per K/V token: 456, 472, 440 FLOPs > the 424, 432, 416 bytes
+    assert slow.decode_s == pytest.approx(4.56 + 4.72 + 4.40) and slow.decode_memory_s == pytest.approx(12.72)
