@@ -53,6 +53,7 @@ def profiled_steps(engine, num_steps: int, trace_dir: str, python_tracer: bool) 
 
 def main() -> None:
     from jaxpaged import LLM
+    from jaxpaged.sampling_params import RequestOutputKind
 
     args = parse_args()
     trace_dir = args.trace_dir or "/tmp/jaxpaged_step_trace"
@@ -63,6 +64,7 @@ def main() -> None:
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm the host path
     engine = llm.llm_engine
     for i, (prompt, p) in enumerate(zip(prompts, params)):
+        p.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: one output per request, at its end
         engine.add_request(f"profile-{i}", prompt, p)
     for _ in range(args.warmup_steps):
         engine.step()

@@ -80,6 +80,7 @@ class OutputProcessor:
         when a stop condition is met; returns the outputs of the groups that progressed (finished groups are
         dropped). Rows of requests that finished or were aborted while the step ran are ignored."""
         touched: dict[str, RequestGroup] = {}
+        ending: set[str] = set()  # groups with a child that finished in this step
         token_ids = out.token_ids.tolist()
         for row, s in enumerate(sched.scheduled):
             req = s.request
@@ -93,10 +94,11 @@ class OutputProcessor:
             status = self._check_stop(req, token)
             if status is not None:
                 on_finish(req, status)
+                ending.add(req.group.request_id)
             touched[req.group.request_id] = req.group
         outputs = []
         for group in touched.values():
-            finished = group.finished
+            finished = group.request_id in ending and group.finished
             if finished or group.params.output_kind is not RequestOutputKind.FINAL_ONLY:
                 outputs.append(group.to_output(finished))
             if finished:

@@ -98,7 +98,8 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: str | list[int] | dict, params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative RequestOutputs until the request finishes.
+        """Yields the request's RequestOutputs (cumulative, deltas or only the final one, as `params.output_kind`
+        asks) until it finishes.
 
         Raises ValueError if the engine rejects the request, EngineStepError if the engine fails while it runs.
         Leaving the iteration early (a client disconnect cancels the task; `aclose()`) aborts the request.

@@ -1,13 +1,14 @@
 """What completions and chat share: request validation before the engine, SSE framing, metrics timing, merging."""
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.server.async_engine import AsyncLLMEngine
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.protocol import ErrorInfo, ErrorResponse
@@ -119,19 +120,24 @@ class OpenAIServing:
         return tokens
 
     def sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams, asking the engine for DELTA outputs (what is new since the previous
+        one): a step then costs O(new tokens) per request, and latency metrics see every token as it arrives."""
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         try:
-            return req.to_sampling_params(max_tokens, logprobs, self.engine.vocab_size)
+            params = req.to_sampling_params(max_tokens, logprobs, self.engine.vocab_size)
         except ValueError as e:
             raise APIError(str(e)) from None
+        params.output_kind = RequestOutputKind.DELTA
+        return params
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt, timed for the TTFT / inter-token / e2e histograms."""
-        timer = self.metrics.timer()
+        timer, generated = self.metrics.timer(), 0
         try:
             async for out in self.engine.generate(prompt, params, request_id):
-                timer.on_output(sum(len(c.token_ids) for c in out.outputs))
+                generated += sum(len(c.token_ids) for c in out.outputs)
+                timer.on_output(generated)
                 yield out
         except ValueError as e:  # the engine's own validation: still the client's error
             raise APIError(str(e)) from None
@@ -140,3 +146,28 @@ class OpenAIServing:
     def piece(self, token_id: int) -> str:
         """A token's text as OpenAI's logprobs show it."""
         return self.engine.tokenizer.decode([token_id])
+
+
+class DeltaAccumulator:
+    """Joins one request's DELTA outputs into the cumulative output they add up to (built once, at the end)."""
+
+    def __init__(self):
+        self._parts: dict[int, tuple[list[str], list[int], list | None]] = {}  # index -> texts, ids, logprobs
+        self._last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        for c in out.outputs:
+            texts, ids, lps = self._parts.setdefault(c.index, ([], [], None if c.logprobs is None else []))
+            texts.append(c.text)
+            ids.extend(c.token_ids)
+            if lps is not None:
+                lps.extend(c.logprobs or [])
+        self._last = out
+
+    def result(self) -> RequestOutput:
+        """The cumulative output of everything added (the last output's finish fields and counts)."""
+        outputs = []
+        for c in self._last.outputs:
+            texts, ids, lps = self._parts[c.index]
+            outputs.append(dataclasses.replace(c, text="".join(texts), token_ids=ids, logprobs=lps))
+        return dataclasses.replace(self._last, outputs=outputs)

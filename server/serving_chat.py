@@ -7,7 +7,7 @@ from jaxpaged.server.protocol import (ChatCompletionRequest, ChatCompletionRespo
                                       ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogprobs,
                                       ChatLogprobsContent, ChatMessage, ChatResponseMessage, ChatTokenLogprob,
                                       DeltaMessage, UsageInfo)
-from jaxpaged.server.serving_base import APIError, OpenAIServing, random_id, sse
+from jaxpaged.server.serving_base import APIError, DeltaAccumulator, OpenAIServing, random_id, sse
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
@@ -38,15 +38,15 @@ class OpenAIServingChat(OpenAIServing):
         outputs = self.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)
         if req.stream:
             return self._stream(req, request_id, outputs)
-        final = None
-        async for final in outputs:
-            pass
-        return self._response(req, request_id, final)
+        final = DeltaAccumulator()
+        async for out in outputs:
+            final.add(out)
+        return self._response(req, request_id, final.result())
 
     def _response(self, req, request_id: str, out: RequestOutput) -> ChatCompletionResponse:
         choices = [ChatCompletionResponseChoice(
             index=c.index, message=ChatResponseMessage(content=c.text),
-            logprobs=self._logprobs(c, 0, req.top_logprobs or 0) if req.logprobs else None,
+            logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
             finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=self._usage(out))
 
@@ -56,12 +56,12 @@ class OpenAIServingChat(OpenAIServing):
         usage.add(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
         return usage
 
-    def _logprobs(self, c: CompletionOutput, start: int, top: int) -> ChatLogprobs | None:
-        """OpenAI chat logprobs of tokens [start:]: each sampled token with its `top` most likely alternatives."""
+    def _logprobs(self, c: CompletionOutput, top: int) -> ChatLogprobs | None:
+        """OpenAI chat logprobs of c's tokens: each sampled token with its `top` most likely alternatives."""
         if c.logprobs is None:
             return None
         content = []
-        for token_id, lps in zip(c.token_ids[start:], c.logprobs[start:]):
+        for token_id, lps in zip(c.token_ids, c.logprobs):
             ranked = sorted((x.rank, t, x.logprob) for t, x in lps.items() if x.rank is not None and x.rank <= top)
             content.append(ChatLogprobsContent(**self._token(token_id, lps[token_id].logprob).model_dump(),
                                                top_logprobs=[self._token(t, lp) for _, t, lp in ranked]))
@@ -73,24 +73,24 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, req, request_id: str, outputs) -> AsyncIterator[str]:
         """One chunk per choice that progressed; the first of each has the role; then usage and [DONE]."""
-        sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already sent
+        started: set[int] = set()  # choices whose first chunk (with the role) is sent
         done: set[int] = set()
-        final = None
-        async for final in outputs:
-            for c in final.outputs:
-                chars, toks = sent.get(c.index, (0, 0))
-                if c.index in done or (len(c.text) == chars and len(c.token_ids) == toks and not c.finished()):
+        final = DeltaAccumulator()
+        async for out in outputs:  # DELTA outputs: each carries only what is new
+            final.add(out)
+            for c in out.outputs:
+                if c.index in done or (not c.text and not c.token_ids and not c.finished()):
                     continue
-                delta = DeltaMessage(role=None if c.index in sent else "assistant", content=c.text[chars:])
-                sent[c.index] = (len(c.text), len(c.token_ids))
+                delta = DeltaMessage(role=None if c.index in started else "assistant", content=c.text)
+                started.add(c.index)
                 if c.finished():
                     done.add(c.index)
                 choice = ChatCompletionStreamChoice(
                     index=c.index, delta=delta,
-                    logprobs=self._logprobs(c, toks, req.top_logprobs or 0) if req.logprobs else None,
+                    logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                 yield sse(ChatCompletionStreamResponse(id=request_id, model=self.model_name, choices=[choice]))
         if req.include_usage:
             yield sse(ChatCompletionStreamResponse(id=request_id, model=self.model_name, choices=[],
-                                                   usage=self._usage(final)))
+                                                   usage=self._usage(final.result())))
         yield sse("[DONE]")

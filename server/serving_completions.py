@@ -5,7 +5,8 @@ from collections.abc import AsyncIterator
 from jaxpaged.outputs import CompletionOutput, RequestOutput
 from jaxpaged.server.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
                                       CompletionResponseChoice, CompletionStreamResponse, UsageInfo)
-from jaxpaged.server.serving_base import APIError, OpenAIServing, merge_async_iterators, random_id, sse
+from jaxpaged.server.serving_base import (APIError, DeltaAccumulator, OpenAIServing, merge_async_iterators,
+                                         random_id, sse)
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -36,16 +37,16 @@ class OpenAIServingCompletion(OpenAIServing):
                                           for i, (prompt, params) in enumerate(subs)))
         if req.stream:
             return self._stream(req, request_id, prompts, outputs)
-        finals: dict[int, RequestOutput] = {}
+        finals = [DeltaAccumulator() for _ in prompts]
         async for i, out in outputs:
-            finals[i] = out
-        return self._response(req, request_id, prompts, [finals[i] for i in range(len(prompts))])
+            finals[i].add(out)
+        return self._response(req, request_id, prompts, [f.result() for f in finals])
 
     def _response(self, req, request_id: str, prompts, finals: list[RequestOutput]) -> CompletionResponse:
         choices, usage = [], UsageInfo()
         for i, ((text, ids), out) in enumerate(zip(prompts, finals)):
             for c in out.outputs:
-                choices.append(self._choice(req, i * req.n + c.index, c, self._echo(req, text, ids), 0, 0))
+                choices.append(self._choice(req, i * req.n + c.index, c, self._echo(req, text, ids), 0))
             usage.add(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
@@ -54,19 +55,19 @@ class OpenAIServingCompletion(OpenAIServing):
             return ""
         return text if text is not None else self.engine.tokenizer.decode(ids)
 
-    def _choice(self, req, index: int, c: CompletionOutput, prefix: str, chars: int, toks: int
-                ) -> CompletionResponseChoice:
-        """The part of choice `c` after `chars` characters / `toks` tokens, `prefix` (the echo) in front."""
+    def _choice(self, req, index: int, c: CompletionOutput, prefix: str, offset: int) -> CompletionResponseChoice:
+        """Choice `c` (a whole completion, or a delta starting at character `offset`), `prefix` (the echo) in
+        front."""
         logprobs = None
-        if req.logprobs is not None and c.logprobs:  # never with echo (rejected), so offsets start at `chars`
-            logprobs = self._logprobs(c, toks, chars)
-        return CompletionResponseChoice(index=index, text=prefix + c.text[chars:], logprobs=logprobs,
+        if req.logprobs is not None and c.logprobs:  # never with echo (rejected), so offsets start at `offset`
+            logprobs = self._logprobs(c, offset)
+        return CompletionResponseChoice(index=index, text=prefix + c.text, logprobs=logprobs,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
-    def _logprobs(self, c: CompletionOutput, start: int, offset: int) -> CompletionLogProbs:
-        """Legacy completions logprobs of tokens [start:]: text pieces, their logprobs, top alternatives."""
+    def _logprobs(self, c: CompletionOutput, offset: int) -> CompletionLogProbs:
+        """Legacy completions logprobs of c's tokens: text pieces, their logprobs, top alternatives."""
         lp = CompletionLogProbs()
-        for token_id, top in zip(c.token_ids[start:], c.logprobs[start:]):
+        for token_id, top in zip(c.token_ids, c.logprobs):
             piece = self.piece(token_id)
             lp.tokens.append(piece)
             lp.token_logprobs.append(top[token_id].logprob)
@@ -77,23 +78,23 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _stream(self, req, request_id: str, prompts, outputs) -> AsyncIterator[str]:
         """SSE chunks: one per choice that progressed (text delta, new tokens' logprobs), then usage, then [DONE]."""
-        sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already sent
+        sent: dict[int, int] = {}  # choice index -> characters already sent
         done: set[int] = set()
-        finals: dict[int, RequestOutput] = {}
-        async for i, out in outputs:
-            finals[i] = out
+        finals = [DeltaAccumulator() for _ in prompts]
+        async for i, out in outputs:  # DELTA outputs: each carries only what is new
+            finals[i].add(out)
             for c in out.outputs:
                 index = i * req.n + c.index
-                chars, toks = sent.get(index, (0, 0))
-                if index in done or (len(c.text) == chars and len(c.token_ids) == toks and not c.finished()):
+                if index in done or (not c.text and not c.token_ids and not c.finished()):
                     continue
                 prefix = self._echo(req, *prompts[i]) if index not in sent else ""
-                sent[index] = (len(c.text), len(c.token_ids))
+                chars = sent.get(index, 0)
+                sent[index] = chars + len(c.text)
                 if c.finished():
                     done.add(index)
-                choice = self._choice(req, index, c, prefix, chars, toks)
+                choice = self._choice(req, index, c, prefix, chars)
                 yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[choice]))
         if req.include_usage:
-            usage = self._response(req, request_id, prompts, [finals[i] for i in range(len(prompts))]).usage
+            usage = self._response(req, request_id, prompts, [f.result() for f in finals]).usage
             yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[], usage=usage))
         yield sse("[DONE]")

@@ -67,6 +67,37 @@ def test_stop_string_and_stop_token_ids(llm):
     assert out.token_ids == base.token_ids[:2] and out.stop_reason == stop_id
 
 
+def _stream(llm, request_id, params):
+    """Steps the engine until `request_id` finishes; returns its outputs, one list per step that produced one."""
+    engine = llm.llm_engine
+    engine.add_request(request_id, "Once upon a time", params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == request_id]
+    return outs
+
+
+def test_output_kinds_deliver_the_same_completions(llm):
+    from jaxpaged import RequestOutputKind
+
+    def params(kind):
+        return SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=12, stop=[" the"], logprobs=1,
+                              output_kind=kind)
+
+    cumulative = _stream(llm, "cum", params(RequestOutputKind.CUMULATIVE))
+    deltas = _stream(llm, "delta", params(RequestOutputKind.DELTA))
+    final = _stream(llm, "final", params(RequestOutputKind.FINAL_ONLY))
+    assert len(final) == 1 and final[0].finished and len(deltas) == len(cumulative) > 1
+    for i in range(2):
+        full = cumulative[-1].outputs[i]
+        assert final[0].outputs[i].token_ids == full.token_ids and final[0].outputs[i].text == full.text
+        assert sum((d.outputs[i].token_ids for d in deltas), []) == full.token_ids
+        assert "".join(d.outputs[i].text for d in deltas) == full.text
+        assert sum((d.outputs[i].logprobs for d in deltas), []) == full.logprobs
+        assert deltas[-1].outputs[i].finish_reason == full.finish_reason
+        assert all(len(d.outputs[i].token_ids) <= 1 for d in deltas)  # one new token per step at most
+
+
 def test_seeded_sampling_is_reproducible_and_n_completions_differ(llm):
     p = SamplingParams(temperature=1.0, max_tokens=10, seed=1234, n=3)
     a = llm.generate("Once upon a time", p, use_tqdm=False)[0]

@@ -11,6 +11,7 @@ import time
 
 from jaxpaged.metrics import Counter, Gauge
 from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxpaged.sampling_params import RequestOutputKind
 
 
 class FakeTokenizer:
@@ -35,6 +36,7 @@ class _Req:
     def __init__(self, request_id, prompt, ids, params):
         self.request_id, self.prompt, self.ids, self.params = request_id, prompt, ids, params
         self.tokens = [[] for _ in range(params.n)]
+        self.sent = [0] * params.n  # per completion: tokens already in a DELTA output
         m = re.search(r"boom(\d+)", prompt or "")
         self.boom_at = int(m.group(1)) if m else None
 
@@ -95,13 +97,18 @@ class FakeEngine:
             out = self._output(req)
             if out.finished:
                 del self.requests[req.request_id]
-            outputs.append(out)
+            if out.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(out)
         return outputs
 
     def _output(self, req: _Req) -> RequestOutput:
+        """Cumulative, or only the tokens since the previous output for DELTA (as LLMEngine)."""
         outs = []
-        for j, toks in enumerate(req.tokens):
-            done = len(toks) >= req.params.max_tokens
+        delta = req.params.output_kind is RequestOutputKind.DELTA
+        for j, all_toks in enumerate(req.tokens):
+            done = len(all_toks) >= req.params.max_tokens
+            toks = all_toks[req.sent[j]:] if delta else all_toks
+            req.sent[j] = len(all_toks)
             lps = None
             if req.params.logprobs is not None:
                 lps = [{t: Logprob(-0.5, 1, chr(t)), **{t + k: Logprob(-1.0 - k, k + 1, chr(t + k))
