@@ -118,7 +118,7 @@ def write_kv_pages(
     """Scatters the step's new K/V into their page slots; in place when the pool is donated.
 
     Padding tokens are dropped rather than written into one shared slot: thousands of writes to one address make
-    the GPU scatter serialise on it (0.8 s per layer pair for a 8192-token bucket that is mostly padding).
+    the GPU scatter serialise on it (on an H200, 1.6 s of scatters in one 8192-token step that was mostly padding).
     """
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape

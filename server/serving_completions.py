@@ -43,12 +43,18 @@ class OpenAIServingCompletion(OpenAIServing):
         return self._response(req, request_id, prompts, [f.result() for f in finals])
 
     def _response(self, req, request_id: str, prompts, finals: list[RequestOutput]) -> CompletionResponse:
-        choices, usage = [], UsageInfo()
+        choices = []
         for i, ((text, ids), out) in enumerate(zip(prompts, finals)):
             for c in out.outputs:
                 choices.append(self._choice(req, i * req.n + c.index, c, self._echo(req, text, ids), 0))
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=self._usage(finals))
+
+    @staticmethod
+    def _usage(finals: list[RequestOutput]) -> UsageInfo:
+        usage = UsageInfo()
+        for out in finals:
             usage.add(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
-        return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+        return usage
 
     def _echo(self, req, text: str | None, ids: list[int]) -> str:
         if not req.echo:
@@ -95,6 +101,6 @@ class OpenAIServingCompletion(OpenAIServing):
                 choice = self._choice(req, index, c, prefix, chars)
                 yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[choice]))
         if req.include_usage:
-            usage = self._response(req, request_id, prompts, [f.result() for f in finals]).usage
+            usage = self._usage([f.result() for f in finals])
             yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[], usage=usage))
         yield sse("[DONE]")
