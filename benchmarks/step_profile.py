@@ -60,6 +60,7 @@ def main() -> None:
     requests = build_requests(args, model_config(args.model).vocab_size)
     params = sampling_params(requests)
     llm = LLM(args.model, **engine_kwargs(args, requests))
+    llm.llm_engine.warm_up()
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm the host path
     engine = llm.llm_engine

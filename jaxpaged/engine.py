@@ -78,6 +78,13 @@ class LLMEngine:
         self._penalty_groups: set[str] = set()  # live requests with penalties: their steps run synchronously
         self.counters = EngineCounters()
         self._rng = random.Random(args.seed)
+
+    def warm_up(self) -> None:
+        """Compiles every step program now (the server does this before it reports ready).
+
+        Without it, each program compiles the first time a step needs it, so an offline `generate` pays only for
+        the (token, sequence) buckets its workload reaches.
+        """
         self.runner.warm_up()
 
     def _resolve_max_model_len(self, requested: int | None, model_max: int) -> int:

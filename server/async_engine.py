@@ -28,7 +28,9 @@ class _Stream:
 def _default_factory(args: EngineArgs):
     from jaxpaged.engine import LLMEngine
 
-    return LLMEngine(args)
+    engine = LLMEngine(args)
+    engine.warm_up()  # every step program compiled before the server reports ready
+    return engine
 
 
 class AsyncLLMEngine:

@@ -16,6 +16,16 @@ def llm():
     return LLM(**ENGINE_KW)
 
 
+def test_generate_compiles_only_the_step_programs_it_reaches(llm):
+    runner = llm.llm_engine.runner
+    assert runner.executables == {}  # nothing compiled at start-up
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+    forwards = sorted(k[1:] for k in runner.executables if k[0] == "forward")
+    assert forwards == [(16, 8)]  # a 6-token prefill and the decodes: one (16 tokens, 8 sequences) bucket
+    assert len(runner.buckets.all_shapes()) > 1
+
+
 def metrics(llm):
     return {m.name: m.value for m in llm.get_metrics()}
 
@@ -162,6 +172,7 @@ def test_no_compilation_after_warm_up_in_200_random_steps(llm):
     import jax
 
     engine = llm.llm_engine
+    engine.warm_up()
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
