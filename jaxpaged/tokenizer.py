@@ -1,10 +1,16 @@
-"""Tokenizer loading: a HF tokenizer directory, or the tokenizer embedded in a GGUF file (without torch)."""
+"""Tokenizer loading: a HF tokenizer directory, or the tokenizer embedded in a GGUF file (without torch), kept in
+the model cache (`jaxpaged.models.model_cache`) after it is first converted."""
 
 import importlib
+import logging
 import os
 
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from jaxpaged.models import model_cache
+
+logger = logging.getLogger(__name__)
 
 _GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                  "pad_token": "padding_token_id"}
@@ -20,7 +26,18 @@ def load_tokenizer(path: str, gguf_file: str | None = None, **kwargs):
         path, gguf_file = os.path.split(path)
     if gguf_file is None:
         return AutoTokenizer.from_pretrained(path, **kwargs)
-    return _tokenizer_from_gguf(os.path.join(path, gguf_file))
+    return _cached_gguf_tokenizer(os.path.join(path, gguf_file))
+
+
+def _cached_gguf_tokenizer(gguf_path: str) -> PreTrainedTokenizerFast:
+    """The GGUF file's tokenizer from the model cache's `save_pretrained` files; converted (and cached) once."""
+    folder = model_cache.open_part(gguf_path, "tokenizer")
+    if folder is not None:
+        logger.info("Read the tokenizer of %s from the model cache %s.", gguf_path, folder)
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    tokenizer = _tokenizer_from_gguf(gguf_path)
+    model_cache.write_part(gguf_path, "tokenizer", tokenizer.save_pretrained)
+    return tokenizer
 
 
 def _tokenizer_from_gguf(gguf_path: str) -> PreTrainedTokenizerFast:

@@ -39,6 +39,20 @@ def open_gguf(path: str):
 
 def gguf_config(reader, path: str, overrides: dict | None = None) -> tuple[ModelConfig, dict]:
     """ModelConfig (HF names, `overrides` applied) and generation config (eos/bos ids) from GGUF metadata."""
+    raw, generation = gguf_hf_config(reader, path)
+    return config_from_hf({**raw, **(overrides or {})}, path), generation
+
+
+def config_from_hf(raw: dict, path: str) -> ModelConfig:
+    """ModelConfig.from_hf, its ValueError naming `path`."""
+    try:
+        return ModelConfig.from_hf(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def gguf_hf_config(reader, path: str) -> tuple[dict, dict]:
+    """The HF-style config dict and the generation config (eos/bos ids) from GGUF metadata."""
     from gguf.quants import dequantize
 
     def field(key, default=None):
@@ -72,11 +86,7 @@ def gguf_config(reader, path: str, overrides: dict | None = None) -> tuple[Model
     eos, eot = field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id")
     generation = {"bos_token_id": field("tokenizer.ggml.bos_token_id"),
                   "eos_token_id": [eos, eot] if eot is not None and eos is not None and eot != eos else eos}
-    try:
-        cfg = ModelConfig.from_hf({**d, **(overrides or {})})
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return cfg, {k: v for k, v in generation.items() if v is not None}
+    return d, {k: v for k, v in generation.items() if v is not None}
 
 
 def gguf_tensors(reader, cfg: ModelConfig, path: str = ""):

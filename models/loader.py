@@ -1,6 +1,7 @@
 """`load_model`: one entry point for HF directories, GGUF files, orbax checkpoints, dummy weights and the
 embedded default model."""
 
+import functools
 import importlib.resources
 import importlib.util
 import logging
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.dummy import dummy_params
-from jaxpaged.models.gguf_loader import gguf_config, gguf_tensors, open_gguf
+from jaxpaged.models.gguf_loader import config_from_hf, gguf_config, gguf_hf_config, gguf_tensors, open_gguf
 from jaxpaged.models.loaded import LoadedModel
+from jaxpaged.models.model_cache import cached_params
 from jaxpaged.models.safetensors_loader import hf_config, read_json, read_safetensors, safetensors_files
 from jaxpaged.models.weights import build_params
 
@@ -116,14 +118,28 @@ def _gguf_dtype(dtype: str):
 
 
 def _load_gguf(path: str, dtype: str, overrides: dict | None) -> LoadedModel:
-    reader = open_gguf(path)
-    cfg, generation = gguf_config(reader, path, overrides)
+    """A GGUF model, its converted weights read from the model cache after the first load (`model_cache`).
+
+    NOTE: a load with `overrides` bypasses the cache: they may change how the weights are converted (head counts
+    for the Q/K un-permutation), and the cache holds the file's own conversion.
+    """
     jdtype = _gguf_dtype(dtype)
-    params = build_params(cfg, gguf_tensors(reader, cfg, path), jdtype, path)
+    convert = functools.partial(_convert_gguf, path, jdtype, overrides)
+    raw, generation, params = convert() if overrides else cached_params(path, jdtype, convert)
+    cfg = config_from_hf(raw, path)
     folder, name = os.path.split(os.path.abspath(path))
     display = EMBEDDED_MODEL if path == _embedded_model_path_or_none() else name.removesuffix(".gguf")
     logger.info("Loaded %s (%s) from GGUF.", path, jnp.dtype(jdtype).name)
     return LoadedModel(cfg, params, jdtype, folder, {"gguf_file": name}, generation, display)
+
+
+def _convert_gguf(path: str, jdtype, overrides: dict | None) -> tuple[dict, dict, dict]:
+    """(HF config dict with `overrides`, generation config, params in `jdtype`), dequantised from the GGUF file."""
+    reader = open_gguf(path)
+    raw, generation = gguf_hf_config(reader, path)
+    raw = {**raw, **(overrides or {})}
+    cfg = config_from_hf(raw, path)
+    return raw, generation, build_params(cfg, gguf_tensors(reader, cfg, path), jdtype, path)
 
 
 def _embedded_model_path_or_none() -> str | None:

@@ -1,7 +1,8 @@
-"""Shared fixtures: the embedded model's tokenizer (loaded once per session)."""
+"""Shared fixtures: one model cache per session, the embedded model's tokenizer (loaded once per session)."""
 
 import importlib.util
 import os
+import shutil
 
 import pytest
 
@@ -17,3 +18,18 @@ def smollm2_tokenizer():
     from jaxpaged.tokenizer import load_tokenizer
 
     return load_tokenizer(embedded_gguf_path())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_model_cache(tmp_path_factory):
+    """Points JAXPAGED_MODEL_CACHE at one temporary folder for the whole session (removed at its end), so tests
+    never write to the home directory and every load of the embedded model after the first reads its converted
+    weights and tokenizer from there. A JAXPAGED_MODEL_CACHE set by the caller (a CI cache folder) is kept."""
+    if os.environ.get("JAXPAGED_MODEL_CACHE"):
+        yield os.environ["JAXPAGED_MODEL_CACHE"]
+        return
+    root = tmp_path_factory.mktemp("model_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXPAGED_MODEL_CACHE", str(root))
+        yield str(root)
+    shutil.rmtree(root, ignore_errors=True)
