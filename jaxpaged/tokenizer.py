@@ -31,12 +31,12 @@ def load_tokenizer(path: str, gguf_file: str | None = None, **kwargs):
 
 def _cached_gguf_tokenizer(gguf_path: str) -> PreTrainedTokenizerFast:
     """The GGUF file's tokenizer from the model cache's `save_pretrained` files; converted (and cached) once."""
-    folder = model_cache.open_part(gguf_path, "tokenizer")
-    if folder is not None:
+    folder = model_cache.part_dir(gguf_path, "tokenizer")
+    if model_cache.open_part(folder) is not None:
         logger.info("Read the tokenizer of %s from the model cache %s.", gguf_path, folder)
         return PreTrainedTokenizerFast.from_pretrained(folder)
     tokenizer = _tokenizer_from_gguf(gguf_path)
-    model_cache.write_part(gguf_path, "tokenizer", tokenizer.save_pretrained)
+    model_cache.write_part(folder, tokenizer.save_pretrained)
     return tokenizer
 
 

@@ -71,26 +71,24 @@ def part_dir(source: str, part: str) -> str:
     return os.path.join(cache_root(), file_key(source), part)
 
 
-def open_part(source: str, part: str) -> str | None:
-    """The folder of a complete, intact cached `part` of `source`, else None (a damaged one is logged)."""
-    folder = part_dir(source, part)
+def open_part(folder: str) -> str | None:
+    """`folder` (a `part_dir`) if it holds a complete, intact cached part, else None (a damaged one is logged)."""
     if not os.path.isdir(folder):
         return None
     if not _intact(folder):
-        logger.info("Model cache entry %s is damaged; rebuilding it from %s.", folder, source)
+        logger.info("Model cache entry %s is damaged; rebuilding it.", folder)
         return None
     return folder
 
 
-def write_part(source: str, part: str, fill: Callable[[str], object]) -> str | None:
-    """Caches `part` of `source`: `fill(folder)` writes its files into a temporary folder, which gets a manifest
-    and is renamed into place (replacing a damaged entry). Returns the part's folder, or None after a warning
+def write_part(folder: str, fill: Callable[[str], object]) -> str | None:
+    """Caches a part in `folder` (a `part_dir`): `fill(tmp)` writes its files into a temporary folder, which gets
+    a manifest and is renamed into place (replacing a damaged entry). Returns `folder`, or None after a warning
     when the cache cannot be written (the caller goes on without it)."""
-    folder = part_dir(source, part)
     parent = os.path.dirname(folder)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{part}-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
         try:
             fill(tmp)
             _write_manifest(tmp)
@@ -162,14 +160,13 @@ def _intact(folder: str) -> bool:
 def cached_params(source: str, dtype, build: Callable[[], tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
     """(HF config dict, generation config, params in `dtype`) of the file `source`: read from the cache, else
     `build()` (the real conversion) and cached for the next load."""
-    part = f"weights-{jnp.dtype(dtype).name}"
-    folder = open_part(source, part)
-    cached = None if folder is None else _read_params(folder, dtype)
+    folder = part_dir(source, f"weights-{jnp.dtype(dtype).name}")
+    cached = None if open_part(folder) is None else _read_params(folder, dtype)
     if cached is not None:
         logger.info("Read the converted weights of %s from the model cache %s.", source, folder)
         return cached
     raw, generation, params = build()
-    write_part(source, part, functools.partial(_write_params, raw=raw, generation=generation, params=params))
+    write_part(folder, functools.partial(_write_params, raw=raw, generation=generation, params=params))
     return raw, generation, params
 
 
