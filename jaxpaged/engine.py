@@ -70,7 +70,8 @@ class LLMEngine:
         self._check_pool(num_pages, args.block_size)
         self.runner.allocate_kv_pool(num_pages)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                                   args.num_scheduler_steps)
         self.eos_token_ids = self._eos_token_ids()
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
@@ -201,16 +202,16 @@ class LLMEngine:
         return outputs
 
     def _process(self, handle: StepHandle) -> list[RequestOutput]:
-        outputs = self.output_processor.process(handle.sched, handle.result(), self._on_token, self._finish)
+        outputs = self.output_processor.process(handle.result(), self._on_tokens, self._finish)
         for out in outputs:
             if out.finished:
                 self._penalty_groups.discard(out.request_id)
                 self.counters.num_requests_finished += 1
         return outputs
 
-    def _on_token(self, req: Request, token_id: int) -> None:
-        self.runner.append_token(req.request_id, token_id)
-        self.counters.generation_tokens += 1
+    def _on_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
+        self.runner.append_tokens(reqs, token_ids)
+        self.counters.generation_tokens += len(token_ids)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)

@@ -64,12 +64,14 @@ class InputBatch:
         if slot is not None:
             self._free.append(slot)
 
-    def append_token(self, request_id: str, token_id: int) -> None:
-        """Records an arrived output token in the request's row (a request without a slot is skipped)."""
-        slot = self.slot_of.get(request_id)
-        if slot is not None:
-            self.tokens[slot, self.num_known[slot]] = token_id
-            self.num_known[slot] += 1
+    def append_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
+        """Records one arrived output token per request in its row (requests without a slot are skipped)."""
+        get = self.slot_of.get
+        slots = np.array([get(r.request_id, self.pad_slot) for r in reqs], np.int32)
+        keep = slots != self.pad_slot
+        slots = slots[keep]
+        self.tokens[slots, self.num_known[slots]] = np.asarray(token_ids, np.int32)[keep]
+        self.num_known[slots] += 1
 
     def page_updates(self, sched: SchedulerOutput, pages_of) -> tuple[list[int], list[int], list[int]]:
         """(slots, columns, page ids) of page-table entries the device does not have yet."""
@@ -109,3 +111,20 @@ class InputBatch:
         positions = np.zeros(num_seqs, np.int32)
         positions[:n] = kv_lens[:n] - self.num_prompt[slot]
         return StepLayout(token_ids, cu, kv_lens, slots, n, sample_slots, positions)
+
+    def decode_substep(self, lay: StepLayout, keep: np.ndarray, j: int, num_tokens: int,
+                       num_seqs: int) -> StepLayout:
+        """Sub-step `j` of a multi-step decode whose first sub-step is `lay`: rows `keep` [n] (indices into its
+        sequences) each decode the token sampled in sub-step j - 1, padded to `num_tokens` x `num_seqs`."""
+        n = keep.shape[0]
+        slots = np.full(num_seqs, self.pad_slot, np.int32)
+        slots[:n] = lay.slots[keep]
+        token_ids = np.zeros(num_tokens, np.int32)
+        token_ids[:n] = -(slots[:n] + 1)
+        cu = np.full(num_seqs + 1, n, np.int32)
+        cu[:n + 1] = np.arange(n + 1)
+        kv_lens = np.zeros(num_seqs, np.int32)
+        kv_lens[:n] = lay.kv_lens[keep] + j
+        positions = np.zeros(num_seqs, np.int32)
+        positions[:n] = lay.positions[keep] + j
+        return StepLayout(token_ids, cu, kv_lens, slots, n, slots.copy(), positions)

@@ -72,13 +72,17 @@ class PageManager:
 
         Returns False and changes nothing when the free list cannot cover it.
         """
+        size = self.page_size
+        pages = self.req_pages.get(req.request_id)
+        if pages is not None and not cached_pages:  # the common decode step inside its last page: nothing to do
+            total = req.num_computed_tokens + num_new_tokens
+            if total <= len(pages) * size and (
+                    not self.enable_prefix_caching or total // size <= self._num_hashed.get(req.request_id, 0)):
+                return True
         pages = self.req_pages.setdefault(req.request_id, [])
-        num_computed = req.num_computed_tokens + len(cached_pages) * self.page_size
+        num_computed = req.num_computed_tokens + len(cached_pages) * size
         total = num_computed + num_new_tokens
-        num_needed = -(-total // self.page_size) - len(pages) - len(cached_pages)
-        if num_needed <= 0 and not cached_pages and (
-                not self.enable_prefix_caching or total // self.page_size <= self._num_hashed.get(req.request_id, 0)):
-            return True  # a decode step inside its last page: nothing to take or hash
+        num_needed = -(-total // size) - len(pages) - len(cached_pages)
         num_revived = sum(1 for p in cached_pages if self.ref_counts[p] == 0)
         if num_needed > len(self.free) - num_revived:
             if not pages:

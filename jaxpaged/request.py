@@ -35,7 +35,8 @@ class Request:
 
     NOTE: `num_computed_tokens` counts tokens whose K/V are in this request's pages or are being written by a
     scheduled step; it catches up to `num_tokens` (prompt + output + pending). `num_pending` counts tokens that
-    scheduled steps will sample but whose ids have not reached the host yet (async scheduling: at most two).
+    scheduled steps will sample but whose ids have not reached the host yet (async scheduling: at most two
+    steps' worth, each up to `num_scheduler_steps` tokens).
     A preempted request drops to 0 and is recomputed.
     """
 
@@ -72,11 +73,6 @@ class Request:
         """Prompt + output tokens whose ids the host has."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def num_planned_outputs(self) -> int:
-        """Output tokens sampled or being sampled (pending included)."""
-        return len(self.output_token_ids) + self.num_pending
-
     def append_output(self, token_id: int) -> None:
         """A pending token's id arrived from the device."""
         self.output_token_ids.append(token_id)
@@ -93,7 +89,9 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.status in _FINISHED
+        status = self.status  # identity tests: an Enum's hash (set membership) runs Python code
+        return not (status is RequestStatus.RUNNING or status is RequestStatus.WAITING
+                    or status is RequestStatus.PREEMPTED)
 
     @property
     def finish_reason(self) -> str | None:

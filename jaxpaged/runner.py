@@ -25,7 +25,7 @@ from jaxpaged.models import AttentionMetadata, LoadedModel
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows, unpack_tensors
-from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,14 @@ def _update_tables(page_tables, updates):
 
 @dataclasses.dataclass
 class StepHandle:
-    """A launched step: what was scheduled and its sampled ids on their way to the host."""
+    """A launched step: per sub-step (one, or `num_steps` of a multi-step decode), the rows it computed and their
+    sampled ids on their way to the host."""
 
-    sched: SchedulerOutput
-    out: SamplerOutput  # device arrays, rows in scheduling order
+    steps: list[tuple[list[ScheduledRequest], SamplerOutput]]  # SamplerOutput rows follow the row list
 
-    def result(self) -> SamplerOutput:
+    def result(self) -> list[tuple[list[ScheduledRequest], SamplerOutput]]:
         """The sampled ids and logprobs as NumPy arrays (waits for the device)."""
-        return jax.device_get(self.out)
+        return [(rows, jax.device_get(out)) for rows, out in self.steps]
 
 
 def _spec(shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
@@ -176,8 +176,9 @@ class ModelRunner:
         """Frees a finished, aborted or preempted request's slot."""
         self.batch.remove(request_id)
 
-    def append_token(self, request_id: str, token_id: int) -> None:
-        self.batch.append_token(request_id, token_id)
+    def append_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
+        """Records arrived output tokens in the requests' rows of the persistent batch."""
+        self.batch.append_tokens(reqs, token_ids)
 
     def _add_request(self, req: Request) -> None:
         slot = self.batch.add(req)
@@ -189,27 +190,41 @@ class ModelRunner:
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def launch(self, sched: SchedulerOutput, pages_of) -> StepHandle:
-        """Sends the step's inputs and launches it; returns at once (the sampled ids arrive later)."""
+        """Sends the step's inputs and launches it (each sub-step of a multi-step decode back to back, fed by the
+        previous one's sampled ids on the device); returns at once (the sampled ids arrive later)."""
         for s in sched.scheduled:
             if s.request.request_id not in self.batch.slot_of:
                 self._add_request(s.request)
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
-        num_tokens = self.buckets.num_tokens(sched.num_tokens)
-        num_seqs = self.buckets.num_seqs(len(sched.scheduled))
-        lay = self.batch.layout(sched, num_tokens, num_seqs)
+        rows = sched.scheduled
+        lay = self.batch.layout(sched, self.buckets.num_tokens(sched.num_tokens), self.buckets.num_seqs(len(rows)))
+        steps = [(rows, self._run(rows, lay))]
+        if sched.num_steps > 1:
+            counts = np.array([s.num_steps for s in rows])
+            for j in range(1, sched.num_steps):
+                keep = np.flatnonzero(counts > j)
+                sub = self.batch.decode_substep(lay, keep, j, self.buckets.num_tokens(len(keep)),
+                                                self.buckets.num_seqs(len(keep)))
+                sub_rows = [rows[i] for i in keep]
+                steps.append((sub_rows, self._run(sub_rows, sub)))
+        for leaf in jax.tree.leaves([out for _, out in steps]):
+            leaf.copy_to_host_async()
+        return StepHandle(steps)
+
+    def _run(self, rows: list[ScheduledRequest], lay: StepLayout) -> SamplerOutput:
+        """Launches the forward and sampler programs of one (sub-)step; returns the sampled ids (on the device)."""
+        num_tokens, num_seqs = lay.token_ids.shape[0], lay.slots.shape[0]
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
         self.kv_caches, hidden = forward(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
                                          lay.token_ids, seq_ints)
         floats, ints = self.sampling.gather(lay.slots, lay.positions)
         ints = np.concatenate([ints, lay.sample_slots[None]])
-        penalty, banned = self._token_lists(sched, lay)
+        penalty, banned = self._token_lists(rows, lay)
         flags = self.sampling.flags(lay.slots)
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        for leaf in jax.tree.leaves(out):
-            leaf.copy_to_host_async()
-        return StepHandle(sched, out)
+        return out
 
     def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
         rows, cols, vals = updates
@@ -221,7 +236,7 @@ class ModelRunner:
             chunk[0, :n], chunk[1, :n], chunk[2, :n] = rows[at:at + n], cols[at:at + n], vals[at:at + n]
             self.page_tables = update(self.page_tables, chunk)
 
-    def _token_lists(self, sched: SchedulerOutput, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
+    def _token_lists(self, rows: list[ScheduledRequest], lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """Penalty windows [S, W] (prompt + outputs; W = 1 when no row has penalties) and banned ids [S, K]
         (EOS and stop ids before min_tokens). Built per row only in the rare steps that need them.
 
@@ -229,7 +244,6 @@ class ModelRunner:
         """
         num_seqs = lay.slots.shape[0]
         n = lay.num_seqs
-        rows = sched.scheduled
         if self._penalties[lay.slots].any():
             penalty = pad_rows([s.request.token_ids(0, s.request.num_known_tokens)
                                 if s.request.sampling_params.has_penalties else [] for s in rows], num_seqs, 64)

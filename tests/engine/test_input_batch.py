@@ -39,7 +39,7 @@ def test_prefill_then_decode_reads_pending_token_from_its_slot():
     assert lay2.token_ids.tolist()[:2] == [-1, -2]
     assert lay2.kv_lens.tolist()[:2] == [6, 3] and lay2.positions.tolist()[:2] == [1, 1]
     a.append_output(42)
-    batch.append_token("a", 42)
+    batch.append_tokens([a], [42])
     assert batch.tokens[0, :6].tolist() == [5, 6, 7, 8, 9, 42] and a.num_pending == 1
 
 
