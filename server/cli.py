@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m jaxpaged.server [flags]`."""
     # Before JAX starts: let it take most of an accelerator, as vLLM does (gpu_memory_utilization plans within it).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found": torch is unused
     parser = add_serve_args(argparse.ArgumentParser(prog="python -m jaxpaged.server",
                                                     description="jaxpaged OpenAI-compatible server"))
     args = parser.parse_args(argv)
