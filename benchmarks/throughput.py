@@ -59,21 +59,18 @@ def build_requests(args, vocab_size: int) -> list[BenchRequest]:
 
 def engine_kwargs(args, requests: list[BenchRequest]) -> dict:
     """`LLM(...)` keyword arguments from the flags; --max-model-len defaults to the workload's longest request.
-    async_scheduling and num_scheduler_steps are passed only when given and this jaxpaged's EngineArgs has them
-    (so the script also measures older commits)."""
+    async_scheduling is passed only when this jaxpaged's EngineArgs has that field."""
     from jaxpaged.config import EngineArgs
 
     longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
     kwargs = dict(load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len or longest,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   attention_impl=args.attention_impl)
-    fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    for name in ("async_scheduling", "num_scheduler_steps"):
-        value = getattr(args, name)
-        if value is not None and name in fields:
-            kwargs[name] = value
-        elif value is not None:
-            print(f"note: this jaxpaged has no EngineArgs.{name}; --{name.replace('_', '-')} ignored",
+    if args.async_scheduling is not None:
+        if "async_scheduling" in {f.name for f in dataclasses.fields(EngineArgs)}:
+            kwargs["async_scheduling"] = args.async_scheduling
+        else:
+            print("note: this jaxpaged has no EngineArgs.async_scheduling; --async-scheduling ignored",
                   file=sys.stderr)
     return kwargs
 
@@ -147,8 +144,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", default="auto")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="passed to the engine if it has the option (default: the engine's default)")
-    p.add_argument("--num-scheduler-steps", type=int, default=None,
-                   help="decode sub-steps per scheduling pass, passed as --async-scheduling is")
     return p
 
 

@@ -70,8 +70,7 @@ class LLMEngine:
         self._check_pool(num_pages, args.block_size)
         self.runner.allocate_kv_pool(num_pages)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
-                                   args.num_scheduler_steps)
+        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.eos_token_ids = self._eos_token_ids()
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
@@ -202,7 +201,7 @@ class LLMEngine:
         return outputs
 
     def _process(self, handle: StepHandle) -> list[RequestOutput]:
-        outputs = self.output_processor.process(handle.result(), self._on_tokens, self._finish)
+        outputs = self.output_processor.process(handle.sched, handle.result(), self._on_tokens, self._finish)
         for out in outputs:
             if out.finished:
                 self._penalty_groups.discard(out.request_id)

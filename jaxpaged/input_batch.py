@@ -112,19 +112,3 @@ class InputBatch:
         positions[:n] = kv_lens[:n] - self.num_prompt[slot]
         return StepLayout(token_ids, cu, kv_lens, slots, n, sample_slots, positions)
 
-    def decode_substep(self, lay: StepLayout, keep: np.ndarray, j: int, num_tokens: int,
-                       num_seqs: int) -> StepLayout:
-        """Sub-step `j` of a multi-step decode whose first sub-step is `lay`: rows `keep` [n] (indices into its
-        sequences) each decode the token sampled in sub-step j - 1, padded to `num_tokens` x `num_seqs`."""
-        n = keep.shape[0]
-        slots = np.full(num_seqs, self.pad_slot, np.int32)
-        slots[:n] = lay.slots[keep]
-        token_ids = np.zeros(num_tokens, np.int32)
-        token_ids[:n] = -(slots[:n] + 1)
-        cu = np.full(num_seqs + 1, n, np.int32)
-        cu[:n + 1] = np.arange(n + 1)
-        kv_lens = np.zeros(num_seqs, np.int32)
-        kv_lens[:n] = lay.kv_lens[keep] + j
-        positions = np.zeros(num_seqs, np.int32)
-        positions[:n] = lay.positions[keep] + j
-        return StepLayout(token_ids, cu, kv_lens, slots, n, slots.copy(), positions)

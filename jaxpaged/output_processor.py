@@ -13,7 +13,7 @@ from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampler import SamplerOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
-from jaxpaged.scheduler import ScheduledRequest
+from jaxpaged.scheduler import SchedulerOutput
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,32 +75,29 @@ class OutputProcessor:
             child.group, child.index = group, i
         return group
 
-    def process(self, steps: list[tuple[list[ScheduledRequest], SamplerOutput]], on_tokens,
-                on_finish) -> list[RequestOutput]:
-        """Takes one launched step's sub-steps in order (each: its scheduled rows and their sampled ids). Appends
-        each sampled id of a live request, calls `on_tokens(requests, ids)` once per sub-step, then
-        `on_finish(req, status)` for each request that met a stop condition (its later ids are dropped); returns
-        one output per group that progressed (finished groups are dropped). Rows of requests that finished or
-        were aborted while the step ran are ignored."""
+    def process(self, sched: SchedulerOutput, out: SamplerOutput, on_tokens, on_finish) -> list[RequestOutput]:
+        """Appends each sampled id of a live request, calls `on_tokens(requests, ids)` once with all of them, then
+        `on_finish(req, status)` for each request that met a stop condition; returns the outputs of the groups
+        that progressed (finished groups are dropped). Rows of requests that finished or were aborted while the
+        step ran are ignored."""
+        token_ids = out.token_ids.tolist()
+        rows = [(row, s.request) for row, s in enumerate(sched.scheduled) if s.samples and not s.request.finished]
+        reqs = [req for _, req in rows]
+        tokens = [token_ids[row] for row, _ in rows]
+        for req, token in zip(reqs, tokens):
+            req.append_output(token)
+        on_tokens(reqs, tokens)
         touched: dict[str, RequestGroup] = {}
         ending: set[str] = set()  # groups with a child that finished in this step
-        for scheduled, out in steps:
-            token_ids = out.token_ids.tolist()
-            rows = [(row, s.request) for row, s in enumerate(scheduled) if s.samples and not s.request.finished]
-            reqs = [req for _, req in rows]
-            tokens = [token_ids[row] for row, _ in rows]
-            for req, token in zip(reqs, tokens):
-                req.append_output(token)
-            on_tokens(reqs, tokens)
-            for (row, req), token in zip(rows, tokens):
-                group = req.group
-                if req.sampling_params.logprobs is not None:
-                    self._add_logprobs(req, token, out, row)
-                status = self._check_stop(req, token)
-                if status is not None:
-                    on_finish(req, status)
-                    ending.add(group.request_id)
-                touched[group.request_id] = group
+        for (row, req), token in zip(rows, tokens):
+            group = req.group
+            if req.sampling_params.logprobs is not None:
+                self._add_logprobs(req, token, out, row)
+            status = self._check_stop(req, token)
+            if status is not None:
+                on_finish(req, status)
+                ending.add(group.request_id)
+            touched[group.request_id] = group
         outputs = []
         for group in touched.values():
             finished = group.request_id in ending and group.finished

@@ -70,14 +70,14 @@ def _update_tables(page_tables, updates):
 
 @dataclasses.dataclass
 class StepHandle:
-    """A launched step: per sub-step (one, or `num_steps` of a multi-step decode), the rows it computed and their
-    sampled ids on their way to the host."""
+    """A launched step: what was scheduled and its sampled ids on their way to the host."""
 
-    steps: list[tuple[list[ScheduledRequest], SamplerOutput]]  # SamplerOutput rows follow the row list
+    sched: SchedulerOutput
+    out: SamplerOutput  # device arrays, rows in scheduling order
 
-    def result(self) -> list[tuple[list[ScheduledRequest], SamplerOutput]]:
+    def result(self) -> SamplerOutput:
         """The sampled ids and logprobs as NumPy arrays (waits for the device)."""
-        return [(rows, jax.device_get(out)) for rows, out in self.steps]
+        return jax.device_get(self.out)
 
 
 def _spec(shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
@@ -190,41 +190,27 @@ class ModelRunner:
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def launch(self, sched: SchedulerOutput, pages_of) -> StepHandle:
-        """Sends the step's inputs and launches it (each sub-step of a multi-step decode back to back, fed by the
-        previous one's sampled ids on the device); returns at once (the sampled ids arrive later)."""
+        """Sends the step's inputs and launches it; returns at once (the sampled ids arrive later)."""
         for s in sched.scheduled:
             if s.request.request_id not in self.batch.slot_of:
                 self._add_request(s.request)
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
-        rows = sched.scheduled
-        lay = self.batch.layout(sched, self.buckets.num_tokens(sched.num_tokens), self.buckets.num_seqs(len(rows)))
-        steps = [(rows, self._run(rows, lay))]
-        if sched.num_steps > 1:
-            counts = np.array([s.num_steps for s in rows])
-            for j in range(1, sched.num_steps):
-                keep = np.flatnonzero(counts > j)
-                sub = self.batch.decode_substep(lay, keep, j, self.buckets.num_tokens(len(keep)),
-                                                self.buckets.num_seqs(len(keep)))
-                sub_rows = [rows[i] for i in keep]
-                steps.append((sub_rows, self._run(sub_rows, sub)))
-        for leaf in jax.tree.leaves([out for _, out in steps]):
-            leaf.copy_to_host_async()
-        return StepHandle(steps)
-
-    def _run(self, rows: list[ScheduledRequest], lay: StepLayout) -> SamplerOutput:
-        """Launches the forward and sampler programs of one (sub-)step; returns the sampled ids (on the device)."""
-        num_tokens, num_seqs = lay.token_ids.shape[0], lay.slots.shape[0]
+        num_tokens = self.buckets.num_tokens(sched.num_tokens)
+        num_seqs = self.buckets.num_seqs(len(sched.scheduled))
+        lay = self.batch.layout(sched, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
         self.kv_caches, hidden = forward(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
                                          lay.token_ids, seq_ints)
         floats, ints = self.sampling.gather(lay.slots, lay.positions)
         ints = np.concatenate([ints, lay.sample_slots[None]])
-        penalty, banned = self._token_lists(rows, lay)
+        penalty, banned = self._token_lists(sched.scheduled, lay)
         flags = self.sampling.flags(lay.slots)
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        return out
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return StepHandle(sched, out)
 
     def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
         rows, cols, vals = updates

@@ -21,7 +21,6 @@ class ScheduledRequest:
     num_computed_tokens: int
     num_new_tokens: int
     samples: bool
-    num_steps: int = 1  # sub-steps: the chunk, then num_steps - 1 decode sub-steps of one token each
 
 
 @dataclasses.dataclass(slots=True)
@@ -30,7 +29,6 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
-    num_steps: int = 1  # the most sub-steps of any row (multi-step scheduling; 1 without it)
 
     @property
     def num_tokens(self) -> int:
@@ -45,9 +43,8 @@ class Scheduler:
     """
 
     def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, num_scheduler_steps: int = 1):
+                 max_model_len: int):
         self.pages = page_manager
-        self.num_scheduler_steps = num_scheduler_steps
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -84,32 +81,14 @@ class Scheduler:
                     i += 1
                     continue
             num_new = min(num_tokens - req.num_computed_tokens, budget)
-            extra = self._extra_steps(req, req.num_computed_tokens + num_new, num_tokens)
-            if not (extra and allocate(req, num_new + extra)):
-                extra = 0
-                if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
-                    continue  # `req` itself was preempted (it was the last running request)
-            scheduled.append(self._take(req, num_new, num_tokens, extra))
+            if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
+                continue  # `req` itself was preempted (it was the last running request)
+            scheduled.append(self._take(req, num_new, num_tokens))
             budget -= num_new
             i += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
-        return SchedulerOutput(scheduled, preempted, max((s.num_steps for s in scheduled), default=1))
-
-    def _extra_steps(self, req: Request, reach: int, num_tokens: int) -> int:
-        """Decode sub-steps (vLLM v0's multi-step scheduling) that `req` can run after this step's chunk, which
-        reaches token `reach` of its `num_tokens`: none unless the chunk samples; bounded by max_tokens and
-        max_model_len. Requests with penalties, or min_tokens still ahead, read each token on the host: none."""
-        if self.num_scheduler_steps == 1 or reach != num_tokens:
-            return 0
-        p = req.sampling_params
-        planned = len(req.output_token_ids) + req.num_pending + 1  # outputs once this step's token is sampled
-        if p.min_tokens >= planned or p.has_penalties:
-            return 0
-        room = self.max_model_len - num_tokens - 1
-        if p.max_tokens is not None:
-            room = min(room, p.max_tokens - planned)
-        return max(0, min(self.num_scheduler_steps - 1, room))
+        return SchedulerOutput(scheduled, preempted)
 
     def _preempt_for(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
         """Preempts the most recently admitted running requests until `req` gets its pages; False if `req`
@@ -124,13 +103,12 @@ class Scheduler:
                 return True
 
     @staticmethod
-    def _take(req: Request, num_new: int, num_tokens: int, extra: int) -> ScheduledRequest:
-        """Marks the chunk (and `extra` decode sub-steps after it) computed and their tokens pending."""
+    def _take(req: Request, num_new: int, num_tokens: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         samples = start + num_new == num_tokens
-        req.num_computed_tokens = start + num_new + extra
-        req.num_pending += samples + extra
-        return ScheduledRequest(req, start, num_new, samples, 1 + extra)
+        req.num_computed_tokens = start + num_new
+        req.num_pending += samples
+        return ScheduledRequest(req, start, num_new, samples)
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -139,18 +117,15 @@ class Scheduler:
             num_computed = len(hits) * self.pages.page_size
             num_tokens = req.num_tokens
             num_new = min(num_tokens - num_computed, budget)
-            extra = self._extra_steps(req, num_computed + num_new, num_tokens)
-            if not (extra and self.pages.allocate(req, num_new + extra, hits)):
-                extra = 0
-                if not self.pages.allocate(req, num_new, hits):
-                    break
+            if not self.pages.allocate(req, num_new, hits):
+                break
             self.waiting.popleft()
             req.num_computed_tokens = num_computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(self._take(req, num_new, num_tokens, extra))
+            scheduled.append(self._take(req, num_new, num_tokens))
             budget -= num_new
         return budget
 

@@ -52,46 +52,26 @@ def test_prefix_caching_off_gives_same_outputs(baseline):
     assert m["vllm:prefix_cache_hits"] == 0
 
 
-def test_tiny_pool_preempts_and_resumes_with_same_tokens(baseline):
+@pytest.fixture(scope="module")
+def small_pool():
+    return LLM(**KW, num_gpu_blocks_override=20)  # 19 usable pages; 6 requests need ~24
+
+
+def test_tiny_pool_preempts_and_resumes_with_same_tokens(baseline, small_pool):
     _, tokens, _ = baseline
-    llm = LLM(**KW, num_gpu_blocks_override=20)  # 19 usable pages; 6 requests need ~24
-    small, m = run(llm)
+    small, m = run(small_pool)
     assert m["vllm:num_preemptions"] > 0
     assert small == tokens
 
 
-def test_async_scheduling_off_gives_same_outputs(baseline):
+def test_async_scheduling_off_gives_same_outputs(baseline, small_pool):
     _, tokens, _ = baseline
-    llm = LLM(**KW, async_scheduling=False, num_gpu_blocks_override=20)  # synchronous, and preempting
-    sync, m = run(llm)
+    engine = small_pool.llm_engine
+    engine.args.async_scheduling = False  # synchronous, and preempting
+    before = engine.scheduler.num_preemptions
+    try:
+        sync, _ = run(small_pool)
+    finally:
+        engine.args.async_scheduling = True
     assert sync == tokens
-    assert m["vllm:num_preemptions"] > 0
-
-
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_multi_step_scheduling_gives_same_outputs(baseline, async_scheduling):
-    _, tokens, _ = baseline
-    llm = LLM(**KW, num_scheduler_steps=4, async_scheduling=async_scheduling, num_gpu_blocks_override=17)
-    multi, m = run(llm)  # decode sub-steps, preempting
-    assert multi == tokens
-    assert m["vllm:num_preemptions"] > 0
-
-
-def test_multi_step_stops_where_single_steps_stop(baseline):
-    """Stop strings, stop ids, EOS and max_tokens met inside a multi-step decode: the extra tokens are dropped."""
-    single = baseline[0]
-    llm = LLM(**KW, num_scheduler_steps=8)
-    params = [SamplingParams(temperature=0, max_tokens=n, stop=stop, stop_token_ids=ids, logprobs=lp)
-              for n, stop, ids, lp in [(3, [], [], None), (40, [" the", "."], [], 1), (17, [], [], None),
-                                       (40, ["\n"], [], None), (9, [], [13], 2), (40, [], [], None)]]
-    want = single.generate(PROMPTS, params, use_tqdm=False)
-    got = llm.generate(PROMPTS, params, use_tqdm=False)
-    for w, g in zip(want, got):
-        w, g = w.outputs[0], g.outputs[0]
-        assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (w.token_ids, w.text, w.finish_reason,
-                                                                        w.stop_reason)
-        assert (g.logprobs is None) == (w.logprobs is None)
-        for gl, wl in zip(g.logprobs or [], w.logprobs or []):  # other batch shapes: float32 rounding only
-            assert [(t, x.rank) for t, x in gl.items()] == [(t, x.rank) for t, x in wl.items()]
-            assert [x.logprob for x in gl.values()] == pytest.approx([x.logprob for x in wl.values()], abs=1e-4)
-    assert {x.name: x.value for x in llm.get_metrics()}["vllm:kv_cache_usage_perc"] == 0
+    assert engine.scheduler.num_preemptions > before

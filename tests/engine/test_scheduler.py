@@ -9,9 +9,8 @@ from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler
 
 
-def make(num_pages=64, page_size=4, max_seqs=4, budget=16, caching=True, num_steps=1):
-    return Scheduler(PageManager(num_pages, page_size, caching), max_seqs, budget, max_model_len=1024,
-                     num_scheduler_steps=num_steps)
+def make(num_pages=64, page_size=4, max_seqs=4, budget=16, caching=True):
+    return Scheduler(PageManager(num_pages, page_size, caching), max_seqs, budget, max_model_len=1024)
 
 
 def add(s, rid, prompt_len, max_tokens=4, base=0):
@@ -24,11 +23,10 @@ def step(s):
     """Schedules, 'computes', samples token 7 for finished chunks and ends requests at max_tokens."""
     out = s.schedule()
     for sr in out.scheduled:
-        for _ in range(sr.num_steps if sr.samples else 0):  # the chunk's token, then one per decode sub-step
-            if not sr.request.finished:
-                sr.request.append_output(7)
-                if len(sr.request.output_token_ids) >= sr.request.sampling_params.max_tokens:
-                    s.finish(sr.request, RequestStatus.FINISHED_LENGTH)
+        if sr.samples:
+            sr.request.append_output(7)
+            if len(sr.request.output_token_ids) >= sr.request.sampling_params.max_tokens:
+                s.finish(sr.request, RequestStatus.FINISHED_LENGTH)
     return out
 
 
@@ -86,37 +84,12 @@ def test_waiting_requests_hit_prefix_pages_of_running_ones():
     assert s.pages.pages_of("b")[:3] == s.pages.pages_of("a")[:3]
 
 
-def test_multi_step_decodes_up_to_the_step_count_within_max_tokens_and_pages():
-    s = make(num_pages=8, page_size=4, budget=16, num_steps=4)
-    a, b = add(s, "a", 3, max_tokens=10), add(s, "b", 5, max_tokens=2)
-    out = s.schedule()  # both prompts complete: a decodes 3 more sub-steps, b only 1 (max_tokens=2)
-    assert [(sr.num_new_tokens, sr.samples, sr.num_steps) for sr in out.scheduled] == [(3, True, 4), (5, True, 2)]
-    assert out.num_steps == 4 and (a.num_pending, b.num_pending) == (4, 2)
-    assert (a.num_computed_tokens, b.num_computed_tokens) == (6, 6)
-    assert len(s.pages.pages_of("a")) == 2 and len(s.pages.pages_of("b")) == 2  # room for 6 input tokens each
-    out = s.schedule()  # tokens still pending: b has all of its max_tokens planned, a decodes on
-    assert [(sr.request.request_id, sr.num_computed_tokens, sr.num_steps) for sr in out.scheduled] == [("a", 6, 4)]
-    s.pages.check_invariants()
-
-
-def test_multi_step_skips_rows_whose_tokens_the_host_must_see():
-    s = make(num_steps=4)
-    add(s, "chunked", 20, max_tokens=8)  # 16-token budget: the first chunk does not sample
-    s.add_request(Request("pen", [1, 2], SamplingParams(max_tokens=8, repetition_penalty=1.2)))
-    s.add_request(Request("min", [1, 2], SamplingParams(max_tokens=8, min_tokens=3)))
-    out = s.schedule()
-    assert [sr.num_steps for sr in out.scheduled] == [1]
-    out = s.schedule()
-    assert [(sr.request.request_id, sr.num_steps) for sr in out.scheduled] == [("chunked", 4), ("pen", 1),
-                                                                               ("min", 1)]
-
-
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 30),
                           st.integers(1, 6)), max_size=60),
-       st.booleans(), st.sampled_from([1, 3]))
-def test_random_add_abort_step_keeps_page_invariants(ops, caching, num_steps):
-    s = make(num_pages=12, page_size=4, max_seqs=3, budget=16, caching=caching, num_steps=num_steps)
+       st.booleans())
+def test_random_add_abort_step_keeps_page_invariants(ops, caching):
+    s = make(num_pages=12, page_size=4, max_seqs=3, budget=16, caching=caching)
     reqs = []
     for i, (op, n, k) in enumerate(ops):
         if op == "add" and n < 40:
