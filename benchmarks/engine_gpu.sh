@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Engine benchmarks on the GPU machine, one named step after another, each under its own timeout; every result
 # is one JSON line, printed and appended to $OUT/results.jsonl the moment it is measured.
-#   bash benchmarks/engine_gpu.sh parity 1b 1b-sync hf-compiled ragged hf-ragged profile profile-prefill 8b
+#   bash benchmarks/engine_gpu.sh parity 1b 1b-sync 1b-k8 hf-compiled ragged ragged-k8 hf-ragged profile profile-k8 \
+#     profile-prefill 8b
+# (-kN: --num-scheduler-steps N)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -25,6 +27,9 @@ for s in "$@"; do
     parity) step parity 240 python3 "$root/benchmarks/engine_parity.py" ;;
     1b) step 1b 300 $T $FIXED ;;
     1b-sync) step 1b-sync 240 $T $FIXED --no-async-scheduling --no-roofline ;;
+    1b-k*) step "$s" 240 $T $FIXED --num-scheduler-steps "${s#1b-k}" --no-roofline ;;
+    ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
+    profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
     ragged) step ragged 300 $T $RAGGED ;;

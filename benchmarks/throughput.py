@@ -20,10 +20,12 @@ $OUT/throughput.jsonl when $OUT is set).
 """
 
 import argparse
+import array
 import dataclasses
 import os
 import sys
 import time
+import zlib
 
 from results import emit
 from roofline import ModelCounts, measure_in_subprocess, workload_roofline
@@ -59,18 +61,21 @@ def build_requests(args, vocab_size: int) -> list[BenchRequest]:
 
 def engine_kwargs(args, requests: list[BenchRequest]) -> dict:
     """`LLM(...)` keyword arguments from the flags; --max-model-len defaults to the workload's longest request.
-    async_scheduling is passed only when this jaxpaged's EngineArgs has that field."""
+    async_scheduling and num_scheduler_steps are passed only when given and this jaxpaged's EngineArgs has them
+    (so the script also measures older commits)."""
     from jaxpaged.config import EngineArgs
 
     longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
     kwargs = dict(load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len or longest,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   attention_impl=args.attention_impl)
-    if args.async_scheduling is not None:
-        if "async_scheduling" in {f.name for f in dataclasses.fields(EngineArgs)}:
-            kwargs["async_scheduling"] = args.async_scheduling
-        else:
-            print("note: this jaxpaged has no EngineArgs.async_scheduling; --async-scheduling ignored",
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    for name in ("async_scheduling", "num_scheduler_steps"):
+        value = getattr(args, name)
+        if value is not None and name in fields:
+            kwargs[name] = value
+        elif value is not None:
+            print(f"note: this jaxpaged has no EngineArgs.{name}; --{name.replace('_', '-')} ignored",
                   file=sys.stderr)
     return kwargs
 
@@ -104,7 +109,14 @@ def run_jaxpaged(args, requests: list[BenchRequest]) -> dict:
     prompt = sum(len(r.prompt_token_ids) for r in requests)
     return {"engine": "jaxpaged", "seconds": elapsed, "requests_per_s": len(outs) / elapsed,
             "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt) / elapsed,
-            "output_tokens": generated, "startup_seconds": startup, "llm_kwargs": kwargs}
+            "output_tokens": generated, "startup_seconds": startup, "llm_kwargs": kwargs,
+            "output_digests": output_digests([o.outputs[0].token_ids for o in outs])}
+
+
+def output_digests(token_lists: list[list[int]]) -> str:
+    """One hex crc32 per request's output ids (8 characters each): runs that should give the same greedy tokens
+    (async on and off, multi-step decode) are compared request by request."""
+    return "".join(f"{zlib.crc32(array.array('i', ids).tobytes()):08x}" for ids in token_lists)
 
 
 def add_roofline(result: dict, peaks: dict, cfg, args, requests: list[BenchRequest]) -> dict:
@@ -144,6 +156,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", default="auto")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="passed to the engine if it has the option (default: the engine's default)")
+    p.add_argument("--num-scheduler-steps", type=int, default=None,
+                   help="decode sub-steps per scheduling pass, passed as --async-scheduling is")
     return p
 
 

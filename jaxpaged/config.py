@@ -19,6 +19,11 @@ class EngineArgs:
     `compilation_cache_dir` is JAX's persistent compilation cache (None: ~/.cache/jaxpaged/xla).
     `async_scheduling` keeps one step in flight: the host schedules step N+1 and processes step N's outputs while
     the device runs (vLLM's name; here on by default, since outputs are the same and the host loop is hidden).
+    `num_scheduler_steps` (vLLM v0's multi-step scheduling): when every running request decodes and no waiting
+    request could be admitted, one step runs up to this many decode steps in one device program, each step's
+    sampled ids fed to the next on the device; the host schedules, sends inputs and processes outputs once per
+    step instead of once per token. A request that stops early has its extra tokens dropped; a request that
+    arrives meanwhile waits for the step to end (time to first token is the cost of larger values).
     """
 
     model: str | None = None
@@ -40,6 +45,7 @@ class EngineArgs:
     served_model_name: str | None = None
     disable_log_stats: bool = True
     async_scheduling: bool = True
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -48,6 +54,8 @@ class EngineArgs:
         _check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.0 < self.gpu_memory_utilization <= 1.0,
                      "(0, 1]")
         _check_range("block_size", self.block_size, self.block_size in (8, 16, 32, 64, 128), "8, 16, 32, 64 or 128")
+        _check_range("num_scheduler_steps", self.num_scheduler_steps,
+                     isinstance(self.num_scheduler_steps, int) and 1 <= self.num_scheduler_steps <= 64, "1..64")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override",
                      "kv_cache_memory_bytes"):
             value = getattr(self, name)

@@ -70,7 +70,8 @@ class LLMEngine:
         self._check_pool(num_pages, args.block_size)
         self.runner.allocate_kv_pool(num_pages)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                                   args.num_scheduler_steps)
         self.eos_token_ids = self._eos_token_ids()
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
@@ -85,7 +86,7 @@ class LLMEngine:
         Without it, each program compiles the first time a step needs it, so an offline `generate` pays only for
         the (token, sequence) buckets its workload reaches.
         """
-        self.runner.warm_up()
+        self.runner.warm_up(self.args.num_scheduler_steps)
 
     def _resolve_max_model_len(self, requested: int | None, model_max: int) -> int:
         if requested is None:

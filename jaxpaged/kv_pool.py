@@ -40,7 +40,7 @@ def num_pages_for(*, override: int | None, kv_bytes: int | None, per_page: int, 
         return override
     if kv_bytes is None:
         if backend == "cpu":
-            want = max_num_seqs * -(-max_model_len // page_size) * per_page
+            want = (max_num_seqs * -(-max_model_len // page_size) + 1) * per_page  # + the null page
             kv_bytes = min(want, _CPU_DEFAULT_CAP)
         else:
             kv_bytes = device_budget()

@@ -75,29 +75,33 @@ class OutputProcessor:
             child.group, child.index = group, i
         return group
 
-    def process(self, sched: SchedulerOutput, out: SamplerOutput, on_tokens, on_finish) -> list[RequestOutput]:
-        """Appends each sampled id of a live request, calls `on_tokens(requests, ids)` once with all of them, then
-        `on_finish(req, status)` for each request that met a stop condition; returns the outputs of the groups
-        that progressed (finished groups are dropped). Rows of requests that finished or were aborted while the
-        step ran are ignored."""
-        token_ids = out.token_ids.tolist()
-        rows = [(row, s.request) for row, s in enumerate(sched.scheduled) if s.samples and not s.request.finished]
-        reqs = [req for _, req in rows]
-        tokens = [token_ids[row] for row, _ in rows]
-        for req, token in zip(reqs, tokens):
-            req.append_output(token)
-        on_tokens(reqs, tokens)
+    def process(self, sched: SchedulerOutput, outs: list[SamplerOutput], on_tokens,
+                on_finish) -> list[RequestOutput]:
+        """Takes a step's sampled ids, sub-step by sub-step (`outs`: one entry, or one per sub-step of a multi-step
+        decode). Appends each sampled id of a live request, calls `on_tokens(requests, ids)` once per sub-step,
+        then `on_finish(req, status)` for each request that met a stop condition (its later ids are dropped);
+        returns one output per group that progressed (finished groups are dropped). Rows of requests that
+        finished or were aborted while the step ran are ignored."""
         touched: dict[str, RequestGroup] = {}
         ending: set[str] = set()  # groups with a child that finished in this step
-        for (row, req), token in zip(rows, tokens):
-            group = req.group
-            if req.sampling_params.logprobs is not None:
-                self._add_logprobs(req, token, out, row)
-            status = self._check_stop(req, token)
-            if status is not None:
-                on_finish(req, status)
-                ending.add(group.request_id)
-            touched[group.request_id] = group
+        for j, out in enumerate(outs):
+            token_ids = out.token_ids.tolist()
+            rows = [(row, s.request) for row, s in enumerate(sched.scheduled)
+                    if s.samples and j < s.num_steps and not s.request.finished]
+            reqs = [req for _, req in rows]
+            tokens = [token_ids[row] for row, _ in rows]
+            for req, token in zip(reqs, tokens):
+                req.append_output(token)
+            on_tokens(reqs, tokens)
+            for (row, req), token in zip(rows, tokens):
+                group = req.group
+                if req.sampling_params.logprobs is not None:
+                    self._add_logprobs(req, token, out, row)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    on_finish(req, status)
+                    ending.add(group.request_id)
+                touched[group.request_id] = group
         outputs = []
         for group in touched.values():
             finished = group.request_id in ending and group.finished

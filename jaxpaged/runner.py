@@ -4,7 +4,9 @@ A step is two compiled programs launched back to back without waiting: the forwa
 sequence bucket) returns the last hidden state of each sequence, and the sampler (one per sequence bucket and
 `SamplerFlags`) computes logits, samples, and stores each sampled id in `slot_tokens[slot]`, where the next step
 reads the ids it has not received yet. Sampling variants thus multiply only the small sampler programs, not the
-forward buckets. Results are copied to the host asynchronously; `StepHandle.result()` waits for them.
+forward buckets. A multi-step decode (the scheduler's `num_steps > 1`) is one program per sequence bucket and
+flags that runs the decode steps in a loop on the device. Results are copied to the host asynchronously;
+`StepHandle.result()` waits for them.
 """
 
 import concurrent.futures
@@ -20,52 +22,17 @@ from tqdm.auto import tqdm
 
 from jaxpaged.buckets import Buckets
 from jaxpaged.input_batch import InputBatch, StepLayout
-from jaxpaged.kernels.reference import PAD_SLOT, token_layout
-from jaxpaged.models import AttentionMetadata, LoadedModel
+from jaxpaged.models import LoadedModel
 from jaxpaged.request import Request
-from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample
-from jaxpaged.sampling_batch import SamplingBatch, pad_rows, unpack_tensors
+from jaxpaged.sampler import SamplerFlags, SamplerOutput
+from jaxpaged.sampling_batch import SamplingBatch, pad_rows
 from jaxpaged.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.step_programs import (BANNED_MIN, decode_steps, forward_step, sample_step, split_steps,
+                                    update_tables)
 
 logger = logging.getLogger(__name__)
 
 _UPDATE_CHUNK = 512  # page-table entries per update call: one compiled shape, looped for rare large admissions
-_BANNED_MIN = 8
-
-
-def _forward(model: LoadedModel, attn_impl: str, page_size: int, params, kv_caches, page_tables, slot_tokens,
-             token_ids, seq_ints):
-    """Forward pass of a padded ragged batch; returns the updated pool and each sequence's last hidden state.
-
-    token_ids [T] int32 (-(slot + 1): the pending token sampled into `slot_tokens[slot]`); seq_ints [3S + 2]:
-    cu_q_lens [S + 1], kv_lens [S], slots [S], num_seqs [1]. The pool (argument 1) is donated.
-    """
-    num_tokens, num_seqs = token_ids.shape[0], (seq_ints.shape[0] - 2) // 3
-    cu_q_lens, kv_lens = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
-    slots, n = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:]
-    token_ids = jnp.where(token_ids < 0, slot_tokens[jnp.maximum(-token_ids - 1, 0)], token_ids)
-    seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, n, num_tokens)
-    positions = jnp.where(live, positions, 0)
-    page_indices = page_tables[slots]  # [S, max_pages]
-    page = page_indices[seq_ids, positions // page_size]
-    slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
-    md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
-                           page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
-    hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)
-    return kv_caches, hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]  # [S, hidden]
-
-
-def _sample(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hidden, floats, ints, penalty_tokens,
-            banned_tokens):
-    """Logits of each sequence's last token -> sampled ids, also stored in `slot_tokens` (argument 0, donated)."""
-    logits = model.compute_logits(params, hidden)  # [S, V] f32
-    out = sample(logits, unpack_tensors(floats, ints[:4], penalty_tokens, banned_tokens), flags)
-    return slot_tokens.at[ints[4]].set(out.token_ids), out
-
-
-def _update_tables(page_tables, updates):
-    """page_tables[slot, col] = page for each column of updates [3, U] (donated; padding targets the pad row)."""
-    return page_tables.at[updates[0], updates[1]].set(updates[2])
 
 
 @dataclasses.dataclass
@@ -73,11 +40,13 @@ class StepHandle:
     """A launched step: what was scheduled and its sampled ids on their way to the host."""
 
     sched: SchedulerOutput
-    out: SamplerOutput  # device arrays, rows in scheduling order
+    out: SamplerOutput  # device arrays, rows in scheduling order ([K, S, ...] for a K-step decode)
 
-    def result(self) -> SamplerOutput:
-        """The sampled ids and logprobs as NumPy arrays (waits for the device)."""
-        return jax.device_get(self.out)
+    def result(self) -> list[SamplerOutput]:
+        """Each sub-step's sampled ids and logprobs as NumPy arrays (one sub-step unless the step is a multi-step
+        decode; waits for the device)."""
+        out = jax.device_get(self.out)
+        return split_steps(out) if self.sched.num_steps > 1 else [out]
 
 
 def _spec(shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
@@ -102,8 +71,9 @@ class ModelRunner:
         self.kv_caches = None
         self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32)
         self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32)
-        self.forward_fn = jax.jit(functools.partial(_forward, model, attn_impl, page_size), donate_argnums=(1,))
-        self.update_fn = jax.jit(_update_tables, donate_argnums=(0,))
+        self.attn_impl = attn_impl
+        self.forward_fn = jax.jit(functools.partial(forward_step, model, attn_impl, page_size), donate_argnums=(1,))
+        self.update_fn = jax.jit(update_tables, donate_argnums=(0,))
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
 
     # ---- memory and compilation -----------------------------------------------------------------------------
@@ -124,7 +94,7 @@ class ModelRunner:
         caches = [(page, page)] * self.model.config.num_hidden_layers
         num_tokens, num_seqs = max(self.buckets.all_shapes())
         forward = self._lower_forward(num_tokens, num_seqs, caches).compile()
-        sampler = self._lower_sample(num_seqs, SamplerFlags(True, True, True), 1, _BANNED_MIN).compile()
+        sampler = self._lower_sample(num_seqs, SamplerFlags(True, True, True), 1, BANNED_MIN).compile()
         return int(max(forward.memory_analysis().temp_size_in_bytes, sampler.memory_analysis().temp_size_in_bytes))
 
     def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
@@ -132,10 +102,16 @@ class ModelRunner:
                                      _spec((num_tokens,)), _spec((3 * num_seqs + 2,)))
 
     def _lower_sample(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int):
-        fn = jax.jit(functools.partial(_sample, self.model, flags), donate_argnums=(1,))
+        fn = jax.jit(functools.partial(sample_step, self.model, flags), donate_argnums=(1,))
         hidden = _spec((num_seqs, self.model.config.hidden_size), self.model.dtype)
         return fn.lower(self.model.params, self.slot_tokens, hidden, _spec((6, num_seqs), jnp.float32),
                         _spec((5, num_seqs)), _spec((num_seqs, penalty_width)), _spec((num_seqs, banned_width)))
+
+    def _lower_decode(self, num_seqs: int, num_steps: int, flags: SamplerFlags):
+        fn = jax.jit(functools.partial(decode_steps, self.model, self.attn_impl, self.page_size, flags, num_steps),
+                     donate_argnums=(1, 3))
+        return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, _spec((num_seqs,)),
+                        _spec((4 * num_seqs + 2,)), _spec((6, num_seqs), jnp.float32), _spec((5, num_seqs)))
 
     def _compile(self, key: tuple) -> tuple[tuple, jax.stages.Compiled]:
         kind, *shape = key
@@ -143,16 +119,21 @@ class ModelRunner:
             return key, self._lower_forward(*shape).compile()
         if kind == "sample":
             return key, self._lower_sample(*shape).compile()
+        if kind == "decode":
+            return key, self._lower_decode(*shape).compile()
         return key, self.update_fn.lower(self.page_tables, _spec((3, _UPDATE_CHUNK))).compile()
 
-    def warm_up(self) -> None:
+    def warm_up(self, num_decode_steps: int = 1) -> None:
         """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every
-        sequence bucket and the page-table update, in parallel threads (XLA compiles outside the GIL).
+        sequence bucket, the page-table update and, with `num_decode_steps > 1`, the multi-step decode of every
+        sequence bucket and sampler variant, in parallel threads (XLA compiles outside the GIL).
 
         Sampler programs for penalty windows or long banned-token lists compile on first use.
         """
         keys = [("forward", t, s) for t, s in self.buckets.all_shapes()]
-        keys += [("sample", s, f, 1, _BANNED_MIN) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
+        keys += [("sample", s, f, 1, BANNED_MIN) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
+        if num_decode_steps > 1:
+            keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         keys.append(("update",))
         workers = max(1, min(len(keys), os.cpu_count() or 1, 8))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
@@ -195,8 +176,10 @@ class ModelRunner:
             if s.request.request_id not in self.batch.slot_of:
                 self._add_request(s.request)
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
-        num_tokens = self.buckets.num_tokens(sched.num_tokens)
         num_seqs = self.buckets.num_seqs(len(sched.scheduled))
+        if sched.num_steps > 1:
+            return self._launch_decode(sched, num_seqs)
+        num_tokens = self.buckets.num_tokens(sched.num_tokens)
         lay = self.batch.layout(sched, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
@@ -208,9 +191,21 @@ class ModelRunner:
         flags = self.sampling.flags(lay.slots)
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        for leaf in jax.tree.leaves(out):
-            leaf.copy_to_host_async()
-        return StepHandle(sched, out)
+        return _handle(sched, out)
+
+    def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
+        """A multi-step decode: every scheduled row is a one-token decode that runs `ScheduledRequest.num_steps`
+        sub-steps (the scheduler leaves rows with penalties or min_tokens ahead to single steps)."""
+        lay = self.batch.layout(sched, num_seqs, num_seqs)
+        steps = np.zeros(num_seqs, np.int32)
+        steps[:lay.num_seqs] = [s.num_steps for s in sched.scheduled]
+        seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
+        floats, ints = self.sampling.gather(lay.slots, lay.positions)
+        ints = np.concatenate([ints, lay.sample_slots[None]])
+        program = self._program(("decode", num_seqs, sched.num_steps, self.sampling.flags(lay.slots)))
+        self.kv_caches, self.slot_tokens, out = program(self.model.params, self.kv_caches, self.page_tables,
+                                                        self.slot_tokens, lay.token_ids, seq_ints, floats, ints)
+        return _handle(sched, out)
 
     def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
         rows, cols, vals = updates
@@ -237,10 +232,16 @@ class ModelRunner:
             penalty = np.full((num_seqs, 1), -1, np.int32)
         if (lay.positions[:n] < self._min_tokens[lay.slots[:n]]).any():
             banned = pad_rows([_banned(s.request, int(lay.positions[i])) for i, s in enumerate(rows)], num_seqs,
-                              _BANNED_MIN)
+                              BANNED_MIN)
         else:
-            banned = np.full((num_seqs, _BANNED_MIN), -1, np.int32)
+            banned = np.full((num_seqs, BANNED_MIN), -1, np.int32)
         return penalty, banned
+
+
+def _handle(sched: SchedulerOutput, out: SamplerOutput) -> StepHandle:
+    for leaf in jax.tree.leaves(out):
+        leaf.copy_to_host_async()
+    return StepHandle(sched, out)
 
 
 def _banned(req: Request, position: int) -> list[int]:

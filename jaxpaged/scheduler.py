@@ -15,12 +15,14 @@ class ScheduledRequest:
     """One request's share of a step: `num_new_tokens` tokens from `num_computed_tokens` on.
 
     `samples`: the chunk reaches the request's last token, so the step samples its next one (a pending token).
+    `num_steps` > 1 only in a multi-step decode: the one-token chunk, then `num_steps - 1` more decode steps.
     """
 
     request: Request
     num_computed_tokens: int
     num_new_tokens: int
     samples: bool
+    num_steps: int = 1
 
 
 @dataclasses.dataclass(slots=True)
@@ -29,6 +31,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
+    num_steps: int = 1  # > 1: a multi-step decode (every row a one-token decode, up to this many sub-steps)
 
     @property
     def num_tokens(self) -> int:
@@ -40,11 +43,17 @@ class Scheduler:
 
     When the page manager cannot grow a running request, the most recently admitted running request is preempted:
     its pages are freed, its progress reset, and it goes back to the head of the waiting queue.
+
+    With `num_scheduler_steps` > 1, a step in which every running request decodes and no waiting request could
+    be admitted is a multi-step decode: each request gets pages for, and is planned to sample, up to that many
+    tokens (fewer near max_tokens or max_model_len). Requests with penalties or min_tokens ahead need each token
+    on the host before the next, so their presence keeps steps single.
     """
 
     def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, num_scheduler_steps: int = 1):
         self.pages = page_manager
+        self.num_scheduler_steps = num_scheduler_steps
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -69,26 +78,44 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         running, max_len, allocate = self.running, self.max_model_len, self.pages.allocate
+        multi = self._multi_step_count()
         i = 0
         while i < len(running) and budget > 0:  # one pass per running request per step: kept to plain arithmetic
             req = running[i]
             pending = req.num_pending
             num_outputs = len(req.output_token_ids) + pending
             num_tokens = len(req.prompt_token_ids) + num_outputs
+            max_tokens = req.sampling_params.max_tokens
             if pending:  # its pending tokens may already reach a limit: wait for them (it then finishes)
-                max_tokens = req.sampling_params.max_tokens
                 if num_tokens >= max_len or (max_tokens is not None and num_outputs >= max_tokens):
                     i += 1
                     continue
             num_new = min(num_tokens - req.num_computed_tokens, budget)
-            if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
-                continue  # `req` itself was preempted (it was the last running request)
-            scheduled.append(self._take(req, num_new, num_tokens))
+            steps = 1
+            if multi > 1:  # a one-token decode: up to `multi` tokens within max_model_len and max_tokens
+                steps = min(multi, max_len - num_tokens, multi if max_tokens is None else max_tokens - num_outputs)
+            if not (steps > 1 and allocate(req, steps)):
+                steps = 1
+                if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
+                    continue  # `req` itself was preempted (it was the last running request)
+            scheduled.append(self._take(req, num_new, num_tokens, steps))
             budget -= num_new
             i += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, max((s.num_steps for s in scheduled), default=1))
+
+    def _multi_step_count(self) -> int:
+        """`num_scheduler_steps` when this step can be a multi-step decode, else 1."""
+        if self.num_scheduler_steps == 1 or not self.running or (
+                self.waiting and len(self.running) < self.max_num_seqs):
+            return 1
+        for req in self.running:
+            p = req.sampling_params
+            if (req.num_computed_tokens != req.num_tokens - 1 or p.has_penalties
+                    or p.min_tokens > len(req.output_token_ids) + req.num_pending):
+                return 1
+        return self.num_scheduler_steps
 
     def _preempt_for(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
         """Preempts the most recently admitted running requests until `req` gets its pages; False if `req`
@@ -103,12 +130,13 @@ class Scheduler:
                 return True
 
     @staticmethod
-    def _take(req: Request, num_new: int, num_tokens: int) -> ScheduledRequest:
+    def _take(req: Request, num_new: int, num_tokens: int, steps: int = 1) -> ScheduledRequest:
+        """Marks the chunk (and `steps - 1` decode sub-steps after it) computed and their tokens pending."""
         start = req.num_computed_tokens
         samples = start + num_new == num_tokens
-        req.num_computed_tokens = start + num_new
-        req.num_pending += samples
-        return ScheduledRequest(req, start, num_new, samples)
+        req.num_computed_tokens = start + num_new + steps - 1
+        req.num_pending += samples + steps - 1
+        return ScheduledRequest(req, start, num_new, samples, steps)
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

@@ -36,6 +36,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode sub-steps per scheduling pass when every request decodes (vLLM v0's multi-step)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--uvicorn-log-level", default="info",

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import roofline  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
 import serving  # noqa: E402
+import throughput  # noqa: E402
 import trace_busy  # noqa: E402
 import workloads  # noqa: E402
 from sse_http import SSEParser  # noqa: E402
@@ -173,3 +174,10 @@ def test_roofline_batches_slots_and_takes_compute_when_it_is_slower():
     slow = roofline.workload_roofline(c, TWO, max_num_seqs=1, peak_flops=100, copy_bytes_per_s=100)
     # per step 2*196 FLOPs of weights + 16 per K/V token: 456, 472, 440 FLOPs > the 424, 432, 416 bytes
     assert slow.decode_s == pytest.approx(4.56 + 4.72 + 4.40) and slow.decode_memory_s == pytest.approx(12.72)
+
+
+def test_output_digests_tell_requests_apart_one_crc_each():
+    same = throughput.output_digests([[1, 2, 3], [4]])
+    assert len(same) == 16 and same == throughput.output_digests([[1, 2, 3], [4]])
+    other = throughput.output_digests([[1, 2, 3], [5]])
+    assert other[:8] == same[:8] and other[8:] != same[8:]

@@ -1,5 +1,7 @@
 """Greedy outputs do not depend on prefix caching, pool size (preemption) or batch composition."""
 
+import contextlib
+
 import pytest
 
 from jaxpaged import LLM, SamplingParams
@@ -64,14 +66,63 @@ def test_tiny_pool_preempts_and_resumes_with_same_tokens(baseline, small_pool):
     assert small == tokens
 
 
+@contextlib.contextmanager
+def configured(llm, async_scheduling=True, num_scheduler_steps=1):
+    """The engine with other scheduling settings for a while (one compiled model serves several tests)."""
+    engine = llm.llm_engine
+    engine.args.async_scheduling, engine.scheduler.num_scheduler_steps = async_scheduling, num_scheduler_steps
+    try:
+        yield engine
+    finally:
+        engine.args.async_scheduling, engine.scheduler.num_scheduler_steps = True, 1
+
+
+def stepped(engine, params=PARAMS):
+    """Greedy token ids of PROMPTS driven step by step, and the number of engine steps taken."""
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, params)
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    assert engine.page_manager.usage == 0
+    return [done[str(i)] for i in range(len(PROMPTS))], steps
+
+
 def test_async_scheduling_off_gives_same_outputs(baseline, small_pool):
     _, tokens, _ = baseline
-    engine = small_pool.llm_engine
-    engine.args.async_scheduling = False  # synchronous, and preempting
-    before = engine.scheduler.num_preemptions
-    try:
+    with configured(small_pool, async_scheduling=False) as engine:  # synchronous, and preempting
+        before = engine.scheduler.num_preemptions
         sync, _ = run(small_pool)
-    finally:
-        engine.args.async_scheduling = True
     assert sync == tokens
     assert engine.scheduler.num_preemptions > before
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_multi_step_decode_gives_same_outputs_in_fewer_steps(baseline, small_pool, async_scheduling):
+    _, tokens, _ = baseline
+    _, single_steps = stepped(small_pool.llm_engine)
+    with configured(small_pool, async_scheduling, num_scheduler_steps=4) as engine:
+        multi, multi_steps = stepped(engine)  # decode loops on the device, in a pool that preempts
+    assert multi == tokens
+    assert multi_steps < single_steps * 0.6, (multi_steps, single_steps)
+
+
+def test_multi_step_decode_stops_where_single_steps_stop(baseline, small_pool):
+    """Stop strings, stop ids, EOS and max_tokens met inside a multi-step decode: the extra tokens are dropped."""
+    single = baseline[0]
+    params = [SamplingParams(temperature=0, max_tokens=n, stop=stop, stop_token_ids=ids, logprobs=lp)
+              for n, stop, ids, lp in [(3, [], [], None), (40, [" the", "."], [], 1), (17, [], [], None),
+                                       (40, ["\n"], [], None), (9, [], [13], 2), (40, [], [], None)]]
+    want = single.generate(PROMPTS, params, use_tqdm=False)
+    with configured(small_pool, num_scheduler_steps=8):
+        got = small_pool.generate(PROMPTS, params, use_tqdm=False)
+    for w, g in zip(want, got):
+        w, g = w.outputs[0], g.outputs[0]
+        assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (w.token_ids, w.text, w.finish_reason,
+                                                                        w.stop_reason)
+        assert (g.logprobs is None) == (w.logprobs is None)
+        for gl, wl in zip(g.logprobs or [], w.logprobs or []):  # other batch shapes: float32 rounding only
+            assert [(t, x.rank) for t, x in gl.items()] == [(t, x.rank) for t, x in wl.items()]
+            assert [x.logprob for x in gl.values()] == pytest.approx([x.logprob for x in wl.values()], abs=1e-4)
+    assert small_pool.llm_engine.page_manager.usage == 0

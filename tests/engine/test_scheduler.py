@@ -9,8 +9,9 @@ from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler
 
 
-def make(num_pages=64, page_size=4, max_seqs=4, budget=16, caching=True):
-    return Scheduler(PageManager(num_pages, page_size, caching), max_seqs, budget, max_model_len=1024)
+def make(num_pages=64, page_size=4, max_seqs=4, budget=16, caching=True, num_steps=1):
+    return Scheduler(PageManager(num_pages, page_size, caching), max_seqs, budget, max_model_len=1024,
+                     num_scheduler_steps=num_steps)
 
 
 def add(s, rid, prompt_len, max_tokens=4, base=0):
@@ -23,10 +24,11 @@ def step(s):
     """Schedules, 'computes', samples token 7 for finished chunks and ends requests at max_tokens."""
     out = s.schedule()
     for sr in out.scheduled:
-        if sr.samples:
-            sr.request.append_output(7)
-            if len(sr.request.output_token_ids) >= sr.request.sampling_params.max_tokens:
-                s.finish(sr.request, RequestStatus.FINISHED_LENGTH)
+        for _ in range(sr.num_steps if sr.samples else 0):  # the chunk's token, then one per decode sub-step
+            if not sr.request.finished:
+                sr.request.append_output(7)
+                if len(sr.request.output_token_ids) >= sr.request.sampling_params.max_tokens:
+                    s.finish(sr.request, RequestStatus.FINISHED_LENGTH)
     return out
 
 
@@ -84,12 +86,53 @@ def test_waiting_requests_hit_prefix_pages_of_running_ones():
     assert s.pages.pages_of("b")[:3] == s.pages.pages_of("a")[:3]
 
 
+def test_multi_step_decode_plans_up_to_the_step_count_within_max_tokens_and_pages():
+    s = make(num_pages=8, page_size=4, budget=16, num_steps=4)
+    a, b = add(s, "a", 3, max_tokens=10), add(s, "b", 5, max_tokens=2)
+    assert s.schedule().num_steps == 1  # the prefills
+    out = s.schedule()  # both decode, nothing waits: a plans 4 tokens, b only 1 more (max_tokens=2)
+    assert [(sr.num_new_tokens, sr.samples, sr.num_steps) for sr in out.scheduled] == [(1, True, 4), (1, True, 1)]
+    assert out.num_steps == 4 and (a.num_pending, b.num_pending) == (5, 2)
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (7, 6)
+    assert len(s.pages.pages_of("a")) == 2 and len(s.pages.pages_of("b")) == 2  # K/V of 7 and 6 tokens
+    out = s.schedule()  # tokens still pending: b has all of its max_tokens planned, a decodes on
+    assert [(sr.request.request_id, sr.num_computed_tokens, sr.num_steps) for sr in out.scheduled] == [("a", 7, 4)]
+    assert a.num_pending == 9 and len(s.pages.pages_of("a")) == 3
+    s.pages.check_invariants()
+
+
+def test_multi_step_decode_falls_back_to_one_step_when_pages_run_short():
+    s = make(num_pages=3, page_size=4, budget=16, num_steps=4)  # 2 usable pages: 8 tokens of K/V
+    a = add(s, "a", 5, max_tokens=10)
+    step(s)  # prefill: both pages, one output token
+    assert [(sr.num_computed_tokens, sr.num_steps) for sr in step(s).scheduled] == [(5, 1)]  # 5 + 4 > 8
+    assert [(sr.num_computed_tokens, sr.num_steps) for sr in step(s).scheduled] == [(6, 1)]
+    assert a.num_computed_tokens == 7 and len(s.pages.pages_of("a")) == 2 and s.num_preemptions == 0
+
+
+def test_single_steps_while_a_row_needs_each_token_on_the_host_or_a_request_could_join():
+    s = make(num_steps=4, max_seqs=2)
+    add(s, "a", 2, max_tokens=8)
+    s.add_request(Request("pen", [1, 2], SamplingParams(max_tokens=8, repetition_penalty=1.2)))
+    step(s)
+    assert step(s).num_steps == 1  # "pen" reads its tokens on the host
+    s.finish(s.running[1], RequestStatus.FINISHED_ABORTED)
+    s.add_request(Request("min", [1, 2], SamplingParams(max_tokens=8, min_tokens=3)))
+    step(s)
+    assert [step(s).num_steps for _ in range(2)] == [1, 1]  # "min" bans EOS for its next token
+    add(s, "waiting", 3)  # max_seqs=2 is full, so "waiting" could not join anyway
+    assert step(s).num_steps == 4
+    s.finish(s.running[0], RequestStatus.FINISHED_ABORTED)
+    out = step(s)  # room for "waiting": it is admitted now
+    assert out.num_steps == 1 and out.scheduled[-1].request.request_id == "waiting"
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 30),
                           st.integers(1, 6)), max_size=60),
-       st.booleans())
-def test_random_add_abort_step_keeps_page_invariants(ops, caching):
-    s = make(num_pages=12, page_size=4, max_seqs=3, budget=16, caching=caching)
+       st.booleans(), st.sampled_from([1, 3]))
+def test_random_add_abort_step_keeps_page_invariants(ops, caching, num_steps):
+    s = make(num_pages=12, page_size=4, max_seqs=3, budget=16, caching=caching, num_steps=num_steps)
     reqs = []
     for i, (op, n, k) in enumerate(ops):
         if op == "add" and n < 40:

@@ -1,0 +1,105 @@
+"""The pure functions the runner compiles: the forward pass, the sampler, the multi-step decode, page-table updates.
+
+Token ids of a step may be negative: -(slot + 1) stands for the token the previous step sampled into
+`slot_tokens[slot]`, which has not reached the host yet (async scheduling); the programs substitute it on the
+device.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.kernels.reference import PAD_SLOT, token_layout
+from jaxpaged.models import AttentionMetadata, LoadedModel
+from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample
+from jaxpaged.sampling_batch import unpack_tensors
+
+BANNED_MIN = 8  # width of the banned-token array when no row bans anything
+
+
+def _substitute_pending(token_ids, slot_tokens):
+    return jnp.where(token_ids < 0, slot_tokens[jnp.maximum(-token_ids - 1, 0)], token_ids)
+
+
+def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_caches, page_tables, slot_tokens,
+                 token_ids, seq_ints):
+    """Forward pass of a padded ragged batch; returns the updated pool and each sequence's last hidden state.
+
+    token_ids [T] int32; seq_ints [3S + 2]: cu_q_lens [S + 1], kv_lens [S], slots [S], num_seqs [1]. The pool
+    (argument 1) is donated.
+    """
+    num_tokens, num_seqs = token_ids.shape[0], (seq_ints.shape[0] - 2) // 3
+    cu_q_lens, kv_lens = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
+    slots, n = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:]
+    token_ids = _substitute_pending(token_ids, slot_tokens)
+    seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, n, num_tokens)
+    positions = jnp.where(live, positions, 0)
+    page_indices = page_tables[slots]  # [S, max_pages]
+    page = page_indices[seq_ids, positions // page_size]
+    slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
+    md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
+                           page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
+    hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)
+    return kv_caches, hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]  # [S, hidden]
+
+
+def sample_step(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hidden, floats, ints, penalty_tokens,
+                banned_tokens):
+    """Logits of each sequence's last token -> sampled ids, also stored in `slot_tokens` (argument 0, donated).
+
+    floats [6, S], ints [5, S] (`SamplingBatch.gather`'s arrays, then the slot to store each id in)."""
+    logits = model.compute_logits(params, hidden)  # [S, V] f32
+    out = sample(logits, unpack_tensors(floats, ints[:4], penalty_tokens, banned_tokens), flags)
+    return slot_tokens.at[ints[4]].set(out.token_ids), out
+
+
+def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: SamplerFlags, num_steps: int, params,
+                 kv_caches, page_tables, slot_tokens, token_ids, seq_ints, floats, ints):
+    """Up to `num_steps` decode steps of S one-token sequences in one program (a `lax.scan`), each step's sampled
+    ids fed to the next on the device.
+
+    token_ids [S] int32: each sequence's input token; seq_ints [4S + 2]: cu_q_lens [S + 1], kv_lens [S] (after
+    the first step's K/V), slots [S], steps [S] (sub-steps this sequence runs: a sequence stops writing K/V
+    after its own count, and its later samples are dropped by the host), num_seqs [1]. floats / ints as in
+    `sample_step`, positions for the first sub-step. Rows use neither penalties nor banned ids (the scheduler
+    runs those in single steps). Returns the pool, `slot_tokens` with each sequence's last sampled id, and the
+    sampler outputs stacked [num_steps, S, ...]. Pool and slot_tokens (arguments 1 and 3) are donated.
+    """
+    num_seqs = token_ids.shape[0]
+    cu_q_lens, kv_lens0 = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
+    slots, steps = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:4 * num_seqs + 1]
+    n = seq_ints[4 * num_seqs + 1:]
+    page_indices = page_tables[slots]  # [S, max_pages]
+    rows = jnp.arange(num_seqs)
+    tensors = unpack_tensors(floats, ints[:4], jnp.full((num_seqs, 1), -1, jnp.int32),
+                             jnp.full((num_seqs, BANNED_MIN), -1, jnp.int32))
+
+    def step(carry, j):
+        tokens, kv = carry
+        live = j < steps  # [S]
+        kv_lens = kv_lens0 + jnp.minimum(j, jnp.maximum(steps - 1, 0))  # frozen once a row is done
+        positions = jnp.maximum(kv_lens - 1, 0)
+        page = page_indices[rows, positions // page_size]
+        slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
+        md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
+                               page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
+        hidden, kv = model.forward(params, tokens, md, kv, attn_impl=attn_impl)  # [S, hidden]
+        logits = model.compute_logits(params, hidden)
+        out = sample(logits, dataclasses.replace(tensors, positions=tensors.positions + j), flags)
+        return (out.token_ids, kv), out
+
+    tokens = _substitute_pending(token_ids, slot_tokens)
+    (_, kv_caches), outs = jax.lax.scan(step, (tokens, kv_caches), jnp.arange(num_steps, dtype=jnp.int32))
+    last = outs.token_ids[jnp.maximum(steps - 1, 0), rows]  # [S]
+    return kv_caches, slot_tokens.at[ints[4]].set(last), outs
+
+
+def update_tables(page_tables, updates):
+    """page_tables[slot, col] = page for each column of updates [3, U] (donated; padding targets the pad row)."""
+    return page_tables.at[updates[0], updates[1]].set(updates[2])
+
+
+def split_steps(out: SamplerOutput) -> list[SamplerOutput]:
+    """Host arrays of a multi-step decode's stacked outputs [K, S, ...] -> one SamplerOutput per sub-step."""
+    return [jax.tree.map(lambda x, j=j: x[j], out) for j in range(out.token_ids.shape[0])]
