@@ -103,7 +103,9 @@ class Scheduler:
             i += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
-        return SchedulerOutput(scheduled, preempted, max((s.num_steps for s in scheduled), default=1))
+        # One program length (the configured count) whatever the rows' own counts, so no other length compiles.
+        num_steps = multi if any(s.num_steps > 1 for s in scheduled) else 1
+        return SchedulerOutput(scheduled, preempted, num_steps)
 
     def _multi_step_count(self) -> int:
         """`num_scheduler_steps` when this step can be a multi-step decode, else 1."""
