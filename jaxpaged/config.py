@@ -16,7 +16,8 @@ class EngineArgs:
     directly; on CPU without it the pool holds `max_num_seqs` full-length sequences (capped at 1 GiB).
     `attention_impl` picks the ragged paged attention kernel ("auto" follows the backend; "xla" is the blocked
     pure-JAX one that CPU uses).
-    `compilation_cache_dir` is JAX's persistent compilation cache (None: ~/.cache/jaxpaged/xla).
+    `compilation_cache_dir` (None: ~/.cache/jaxpaged/xla) holds the compiled step programs (`executables/`, loaded
+    without tracing on a later start: see `jaxpaged.executable_cache`) and JAX's persistent compilation cache.
     `async_scheduling` keeps one step in flight: the host schedules step N+1 and processes step N's outputs while
     the device runs (vLLM's name; here on by default, since outputs are the same and the host loop is hidden).
     `num_scheduler_steps` (vLLM v0's multi-step scheduling): when every running request decodes and no waiting

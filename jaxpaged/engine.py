@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
+from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.kv_pool import device_kv_budget, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
@@ -26,10 +27,12 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict
 
 
-def _enable_compilation_cache(path: str | None) -> None:
+def _enable_compilation_cache(path: str | None) -> str:
+    """Turns on JAX's persistent compilation cache; returns its folder (the executable cache lives inside)."""
     path = path or os.environ.get("JAXPAGED_CACHE_DIR") or os.path.expanduser("~/.cache/jaxpaged/xla")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 class LLMEngine:
@@ -44,7 +47,7 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs):
         self.args = args
-        _enable_compilation_cache(args.compilation_cache_dir)
+        cache_dir = _enable_compilation_cache(args.compilation_cache_dir)
         self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed)
         cfg = self.model.config
         self.model_name = args.served_model_name or self.model.name
@@ -58,8 +61,12 @@ class LLMEngine:
         max_num_seqs = args.max_num_seqs or default_seqs
         max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
         buckets = Buckets(max_num_batched_tokens, max_num_seqs)
+        signature = repr((cfg, str(self.model.dtype), args.attention_impl, args.block_size, self.max_model_len,
+                          max_num_seqs, jax.tree.map(lambda x: (x.shape, str(x.dtype)), self.model.params)))
         self.runner = ModelRunner(self.model, page_size=args.block_size, max_model_len=self.max_model_len,
-                                  buckets=buckets, attn_impl=args.attention_impl, kv_dtype=self.model.dtype)
+                                  buckets=buckets, attn_impl=args.attention_impl, kv_dtype=self.model.dtype,
+                                  executable_cache=ExecutableCache(os.path.join(cache_dir, "executables"),
+                                                                   signature))
         per_page = page_bytes(cfg.num_hidden_layers, args.block_size, cfg.num_key_value_heads, cfg.head_dim,
                               self.model.dtype)
         num_pages = num_pages_for(

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxpaged.buckets import Buckets
+from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.input_batch import InputBatch, StepLayout
 from jaxpaged.models import LoadedModel
 from jaxpaged.request import Request
@@ -57,7 +58,7 @@ class ModelRunner:
     """Owns the page pool, the device page tables and the compiled programs; one forward per bucket shape."""
 
     def __init__(self, model: LoadedModel, *, page_size: int, max_model_len: int, buckets: Buckets,
-                 attn_impl: str, kv_dtype):
+                 attn_impl: str, kv_dtype, executable_cache: ExecutableCache | None = None):
         self.model = model
         self.page_size = page_size
         self.buckets = buckets
@@ -72,6 +73,7 @@ class ModelRunner:
         self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32)
         self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32)
         self.attn_impl = attn_impl
+        self.executable_cache = executable_cache or ExecutableCache(None, "")
         self.forward_fn = jax.jit(functools.partial(forward_step, model, attn_impl, page_size), donate_argnums=(1,))
         self.update_fn = jax.jit(update_tables, donate_argnums=(0,))
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
@@ -93,8 +95,10 @@ class ModelRunner:
         page = _spec(self._pool_shape(2), self.kv_dtype)
         caches = [(page, page)] * self.model.config.num_hidden_layers
         num_tokens, num_seqs = max(self.buckets.all_shapes())
-        forward = self._lower_forward(num_tokens, num_seqs, caches).compile()
-        sampler = self._lower_sample(num_seqs, SamplerFlags(True, True, True), 1, BANNED_MIN).compile()
+        flags = SamplerFlags(True, True, True)
+        forward = self.executable_cache.get(("forward", num_tokens, num_seqs, page.shape),
+                                            lambda: self._lower_forward(num_tokens, num_seqs, caches).compile())
+        sampler = self._compile(("sample", num_seqs, flags, 1, BANNED_MIN))[1]
         return int(max(forward.memory_analysis().temp_size_in_bytes, sampler.memory_analysis().temp_size_in_bytes))
 
     def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
@@ -114,14 +118,12 @@ class ModelRunner:
                         _spec((4 * num_seqs + 2,)), _spec((6, num_seqs), jnp.float32), _spec((5, num_seqs)))
 
     def _compile(self, key: tuple) -> tuple[tuple, jax.stages.Compiled]:
+        """(key, the compiled program `key`), from the executable cache when it has it."""
         kind, *shape = key
-        if kind == "forward":
-            return key, self._lower_forward(*shape).compile()
-        if kind == "sample":
-            return key, self._lower_sample(*shape).compile()
-        if kind == "decode":
-            return key, self._lower_decode(*shape).compile()
-        return key, self.update_fn.lower(self.page_tables, _spec((3, _UPDATE_CHUNK))).compile()
+        lower = {"forward": self._lower_forward, "sample": self._lower_sample, "decode": self._lower_decode,
+                 "update": lambda: self.update_fn.lower(self.page_tables, _spec((3, _UPDATE_CHUNK)))}[kind]
+        pool = self.kv_caches[0][0].shape if kind in ("forward", "decode") else None
+        return key, self.executable_cache.get((*key, pool), lambda: lower(*shape).compile())
 
     def warm_up(self, num_decode_steps: int = 1) -> None:
         """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every
