@@ -25,11 +25,12 @@ def clamp(body) -> None:
         return
     if isinstance(body.get("prompt"), list) and body["prompt"] and isinstance(body["prompt"][0], (list, str)):
         body["prompt"] = body["prompt"][:4]
-    if isinstance(body.get("n"), int) and body["n"] > 4:
+    if isinstance(body.get("n"), (int, float)) and not isinstance(body["n"], bool) and body["n"] > 4:
         body["n"] = 4
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
+        # floats too: the server takes an integral float such as 948.0 as max_tokens
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[key] = MAX_TOKENS
     if "max_completion_tokens" not in body and "max_tokens" not in body:
         body["max_tokens"] = MAX_TOKENS  # chat would otherwise fill the context
