@@ -28,7 +28,8 @@ PromptType = str | list[int] | dict
 
 
 def _enable_compilation_cache(path: str | None) -> str:
-    """Turns on JAX's persistent compilation cache; returns its folder (the executable cache lives inside)."""
+    """Points JAX's persistent compilation cache at the folder and returns it; the executable cache inside it
+    turns JAX's off while it can write (see `jaxpaged.executable_cache`)."""
     path = path or os.environ.get("JAXPAGED_CACHE_DIR") or os.path.expanduser("~/.cache/jaxpaged/xla")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -187,8 +187,7 @@ class ModelRunner:
         forward = self._program(("forward", num_tokens, num_seqs))
         self.kv_caches, hidden = forward(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
                                          lay.token_ids, seq_ints)
-        floats, ints = self.sampling.gather(lay.slots, lay.positions)
-        ints = np.concatenate([ints, lay.sample_slots[None]])
+        floats, ints = self._sampling_inputs(lay)
         penalty, banned = self._token_lists(sched.scheduled, lay)
         flags = self.sampling.flags(lay.slots)
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
@@ -202,12 +201,16 @@ class ModelRunner:
         steps = np.zeros(num_seqs, np.int32)
         steps[:lay.num_seqs] = [s.num_steps for s in sched.scheduled]
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
-        floats, ints = self.sampling.gather(lay.slots, lay.positions)
-        ints = np.concatenate([ints, lay.sample_slots[None]])
+        floats, ints = self._sampling_inputs(lay)
         program = self._program(("decode", num_seqs, sched.num_steps, self.sampling.flags(lay.slots)))
         self.kv_caches, self.slot_tokens, out = program(self.model.params, self.kv_caches, self.page_tables,
                                                         self.slot_tokens, lay.token_ids, seq_ints, floats, ints)
         return _handle(sched, out)
+
+    def _sampling_inputs(self, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
+        """The sampler's floats [6, S] and ints [5, S]: the rows' parameters, then the slot each id is stored in."""
+        floats, ints = self.sampling.gather(lay.slots, lay.positions)
+        return floats, np.concatenate([ints, lay.sample_slots[None]])
 
     def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
         rows, cols, vals = updates

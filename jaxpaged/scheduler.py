@@ -104,7 +104,7 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         # One program length (the configured count) whatever the rows' own counts, so no other length compiles.
-        num_steps = multi if any(s.num_steps > 1 for s in scheduled) else 1
+        num_steps = multi if multi > 1 and any(s.num_steps > 1 for s in scheduled) else 1
         return SchedulerOutput(scheduled, preempted, num_steps)
 
     def _multi_step_count(self) -> int:

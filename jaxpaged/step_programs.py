@@ -22,6 +22,15 @@ def _substitute_pending(token_ids, slot_tokens):
     return jnp.where(token_ids < 0, slot_tokens[jnp.maximum(-token_ids - 1, 0)], token_ids)
 
 
+def _metadata(page_indices, seq_ids, positions, live, kv_lens, cu_q_lens, num_seqs,
+              page_size: int) -> AttentionMetadata:
+    """The step's AttentionMetadata: each live token's K/V slot from its sequence's pages (others: PAD_SLOT)."""
+    page = page_indices[seq_ids, positions // page_size]
+    slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
+    return AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
+                             page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=num_seqs)
+
+
 def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_caches, page_tables, slot_tokens,
                  token_ids, seq_ints):
     """Forward pass of a padded ragged batch; returns the updated pool and each sequence's last hidden state.
@@ -35,11 +44,7 @@ def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_
     token_ids = _substitute_pending(token_ids, slot_tokens)
     seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, n, num_tokens)
     positions = jnp.where(live, positions, 0)
-    page_indices = page_tables[slots]  # [S, max_pages]
-    page = page_indices[seq_ids, positions // page_size]
-    slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
-    md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
-                           page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
+    md = _metadata(page_tables[slots], seq_ids, positions, live, kv_lens, cu_q_lens, n, page_size)
     hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)
     return kv_caches, hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]  # [S, hidden]
 
@@ -80,10 +85,7 @@ def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: Samp
         live = j < steps  # [S]
         kv_lens = kv_lens0 + jnp.minimum(j, jnp.maximum(steps - 1, 0))  # frozen once a row is done
         positions = jnp.maximum(kv_lens - 1, 0)
-        page = page_indices[rows, positions // page_size]
-        slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
-        md = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
-                               page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=n)
+        md = _metadata(page_indices, rows, positions, live, kv_lens, cu_q_lens, n, page_size)
         hidden, kv = model.forward(params, tokens, md, kv, attn_impl=attn_impl)  # [S, hidden]
         logits = model.compute_logits(params, hidden)
         out = sample(logits, dataclasses.replace(tensors, positions=tensors.positions + j), flags)
