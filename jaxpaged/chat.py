@@ -40,9 +40,10 @@ def stream_reply(engine: LLMEngine, request_id: str, prompt: PromptType, params:
                  write: Callable[[str], None] = write_stdout) -> tuple[str, bool]:
     """Runs one request on `engine`, calling `write(delta)` with each new piece of its text as it is generated.
 
-    Ctrl-C (SIGINT, in the main thread) stops the request: it is aborted and the engine drained, so no step is
-    left in flight. Raises ValueError (nothing queued) for an invalid prompt. Returns (the text generated,
-    whether Ctrl-C stopped it).
+    Ctrl-C (SIGINT, in the main thread) stops the request: it is aborted. Either way the engine is drained before
+    returning, so no step is left in flight (with async scheduling one step runs past the last token; a process
+    that exits while a device computation runs aborts in XLA's runtime). Raises ValueError (nothing queued) for an
+    invalid prompt. Returns (the text generated, whether Ctrl-C stopped it).
     """
     params = params.clone()
     params.output_kind = RequestOutputKind.DELTA
@@ -57,14 +58,10 @@ def stream_reply(engine: LLMEngine, request_id: str, prompt: PromptType, params:
                     write(parts[-1])
                     finished = out.finished
         if not finished:
-            _abort(engine, request_id)
+            engine.abort_request([request_id])
+        while engine.has_unfinished_requests():  # the step in flight still has to be collected
+            engine.step()
     return "".join(parts), not finished
-
-
-def _abort(engine: LLMEngine, request_id: str) -> None:
-    engine.abort_request([request_id])
-    while engine.has_unfinished_requests():  # the step in flight still has to be collected
-        engine.step()
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> dict:

@@ -87,6 +87,18 @@ def _stream(llm, request_id, params):
     return outs
 
 
+def test_stream_reply_writes_the_completion_and_leaves_no_step_in_flight(llm):
+    from jaxpaged.chat import chat_prompt, stream_reply
+
+    params = SamplingParams(temperature=0, max_tokens=32)  # the reply ends on EOS, which no schedule foresees
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    pieces = []
+    prompt = chat_prompt(llm.get_tokenizer(), messages)
+    text, stopped = stream_reply(llm.llm_engine, "streamed", prompt, params, pieces.append)
+    assert not stopped and not llm.llm_engine.has_unfinished_requests()  # a process may exit right after
+    assert text == "".join(pieces) == llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+
+
 def test_output_kinds_deliver_the_same_completions(llm):
     from jaxpaged import RequestOutputKind
 
