@@ -1,8 +1,10 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run the jitted step -> update."""
 
+import atexit
 import logging
 import os
 import random
+import weakref
 
 import jax
 import numpy as np
@@ -25,6 +27,15 @@ from jaxpaged.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
+
+
+def _collect_in_flight(engine_ref: weakref.ref) -> None:
+    """At interpreter exit, waits for a step still running on the device (its ids still on their way to the
+    host): XLA's runtime aborts the process ("terminate called without an active exception") when it is torn down
+    with one in flight, e.g. after a caller stopped stepping once its own requests finished."""
+    engine = engine_ref()
+    if engine is not None and engine._in_flight is not None:
+        engine._in_flight.result()
 
 
 def _enable_compilation_cache(path: str | None) -> str:
@@ -84,6 +95,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
         self._in_flight: StepHandle | None = None
+        atexit.register(_collect_in_flight, weakref.ref(self))
         self._penalty_groups: set[str] = set()  # live requests with penalties: their steps run synchronously
         self.counters = EngineCounters()
         self._rng = random.Random(args.seed)

@@ -84,7 +84,7 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
-            while wanted - final.keys():
+            while engine.has_unfinished_requests():  # as vLLM: also collects the async step past the last token
                 for out in engine.step():
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,7 +89,7 @@ def _stream(llm, request_id, params):
     return outs
 
 
-def test_stream_reply_writes_the_completion_and_leaves_no_step_in_flight(llm):
+def test_chat_and_stream_reply_leave_no_step_in_flight(llm):
     from jaxpaged.chat import chat_prompt, stream_reply
 
     params = SamplingParams(temperature=0, max_tokens=32)  # the reply ends on EOS, which no schedule foresees
@@ -96,7 +98,9 @@ def test_stream_reply_writes_the_completion_and_leaves_no_step_in_flight(llm):
     prompt = chat_prompt(llm.get_tokenizer(), messages)
     text, stopped = stream_reply(llm.llm_engine, "streamed", prompt, params, pieces.append)
     assert not stopped and not llm.llm_engine.has_unfinished_requests()  # a process may exit right after
-    assert text == "".join(pieces) == llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+    reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert reply.finish_reason == "stop" and text == "".join(pieces) == reply.text
 
 
 def test_output_kinds_deliver_the_same_completions(llm):
@@ -208,3 +212,19 @@ def test_no_compilation_after_warm_up_in_200_random_steps(llm):
     assert engine.runner.forward_fn._cache_size() == cache_size
     assert compiles == []
     assert metrics(llm)["vllm:kv_cache_usage_perc"] == 0
+
+
+EXIT_WITH_STEP_IN_FLIGHT = """
+from jaxpaged import LLM, SamplingParams
+engine = LLM(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=128).llm_engine
+engine.add_request("a", "Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))
+for _ in range(3):
+    engine.step()
+print("in flight:", engine.has_unfinished_requests())
+"""
+
+
+def test_exit_with_a_step_in_flight_is_clean():
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_STEP_IN_FLIGHT], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert (proc.returncode, proc.stdout) == (0, "in flight: True\n"), proc.stderr
