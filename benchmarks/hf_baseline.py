@@ -29,8 +29,8 @@ _TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16"
 
 
 def load_hf_model(model: str, load_format: str, dtype: str, device):
-    """A HF causal LM: the checkpoint of a HF directory (unless load_format is "dummy"), else random weights of
-    its config.json or of a shipped config name (jaxpaged's llama-3.2-1b, ...)."""
+    """A HF causal LM: the checkpoint of a HF directory or a .gguf file (unless load_format is "dummy"), else
+    random weights of its config or of a shipped config name (jaxpaged's llama-3.2-1b, ...)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -38,7 +38,13 @@ def load_hf_model(model: str, load_format: str, dtype: str, device):
     from jaxpaged.models.loader import shipped_config
 
     torch_dtype = getattr(torch, _TORCH_DTYPES.get(dtype, "bfloat16"))
-    if os.path.isdir(model) and load_format != "dummy":
+    if model.endswith(".gguf"):  # transformers dequantises the file itself (its gguf_file option)
+        folder, name = os.path.split(os.path.abspath(model))
+        if load_format == "dummy":
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch_dtype)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    elif os.path.isdir(model) and load_format != "dummy":
         hf = AutoModelForCausalLM.from_pretrained(model, dtype="auto" if dtype == "auto" else torch_dtype)
     elif os.path.isdir(model):
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=torch_dtype)

@@ -10,7 +10,7 @@ import sys
 
 import jax
 
-from benchmarks.kernels import make_batch, ours
+from benchmarks.kernel_bench import make_batch, ours
 
 DECODE = [(16, 1024, 32, 8, 128), (256, 1024, 32, 8, 128), (16, 1024, 9, 3, 64)]  # B, L, heads, kv heads, dim
 

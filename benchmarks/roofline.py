@@ -124,11 +124,11 @@ def workload_roofline(counts: ModelCounts, requests: list[BenchRequest], max_num
 
 def measure_device(matmul_n: int, copy_gib: int) -> dict:
     """bf16 [n, n] @ [n, n] FLOP/s and copy bandwidth (bytes read + written per s) of JAX's default device, with
-    kernels.py's timing (the slope between 10 and 60 chained calls, fastest of 5 runs: no dispatch cost)."""
+    kernel_bench.py's timing (the slope between 10 and 60 chained calls, fastest of 5 runs: no dispatch cost)."""
     import jax
     import jax.numpy as jnp
 
-    from kernels import copy_bandwidth, time_us
+    from kernel_bench import copy_bandwidth, time_us
 
     a, b = (jax.random.normal(jax.random.key(i), (matmul_n, matmul_n), jnp.bfloat16) / matmul_n ** 0.5
             for i in range(2))  # unit-scale rows: chained products neither overflow nor vanish

@@ -32,6 +32,7 @@ from roofline import ModelCounts, measure_in_subprocess, workload_roofline
 from workloads import BenchRequest, nano_vllm_requests, random_requests, workload_summary
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+ENGINES = ("jaxpaged", "hf", "hf-compiled")
 
 
 def model_config(model: str):
@@ -168,9 +169,19 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _engine_list(text: str) -> list[str]:
+    engines = text.split(",")
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise argparse.ArgumentTypeError(f"unknown engine {bad[0]!r}: choose from {', '.join(ENGINES)}")
+    return engines
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = add_workload_args(add_engine_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
-    p.add_argument("--engine", choices=("jaxpaged", "hf", "hf-compiled"), default="jaxpaged")
+    p.add_argument("--engine", type=_engine_list, default=["jaxpaged"],
+                   help="jaxpaged, hf or hf-compiled, or several comma-separated to run in this one process "
+                        "(CPU: same-process ratios; on a GPU run each in its own command)")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--hf-max-requests", type=int, default=None, help="HF runs only the first N requests")
     p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
@@ -185,12 +196,25 @@ def main() -> None:
     peaks = {} if args.roofline is False else measure_in_subprocess(only_if_gpu=args.roofline is None)
     if peaks and not peaks.get("skipped"):
         emit({"part": "device_peaks", **peaks}, "throughput")
-    if args.engine == "jaxpaged":
+    first = None
+    for engine in args.engine:
+        result = run_engine(engine, args, requests, peaks, cfg)
+        first = first or result
+        if result is not first:
+            ratio = first["output_tokens_per_s"] / result["output_tokens_per_s"]
+            print(f"{first['engine']} / {result['engine']}: {ratio:.2f}x output tokens/s", flush=True)
+            emit({"part": "ratio", "engines": [first["engine"], result["engine"]], "output_tokens_ratio": ratio},
+                 "throughput")
+
+
+def run_engine(engine: str, args, requests: list[BenchRequest], peaks: dict, cfg) -> dict:
+    """Runs and reports one engine on `requests`; returns its result."""
+    if engine == "jaxpaged":
         result = run_jaxpaged(args, requests)
     else:
         from hf_baseline import run_hf
 
-        result = run_hf(args, requests, compiled=args.engine == "hf-compiled")
+        result = run_hf(args, requests, compiled=engine == "hf-compiled")
     result = add_roofline(result, peaks, cfg, args, requests)
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} total tokens/s, "
           f"{result['output_tokens_per_s']:.2f} output tokens/s", flush=True)
@@ -198,6 +222,7 @@ def main() -> None:
         print(f"Roofline: {result['roofline_output_tokens_per_s']:.2f} output tokens/s "
               f"({result['pct_of_roofline']:.1f}% reached)", flush=True)
     emit({**result, "workload": workload_summary(requests), "args": vars(args)}, "throughput")
+    return result
 
 
 if __name__ == "__main__":

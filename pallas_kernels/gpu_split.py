@@ -45,7 +45,7 @@ _LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-    """Tile sizes and launch parameters (see benchmarks/kernels.py for the sweep)."""
+    """Tile sizes and launch parameters (see benchmarks/kernel_bench.py for the sweep)."""
 
     prefill_rows: int = 128       # M: new tokens x query heads of one KV group per program (power of two)
     prefill_block_k: int = 64     # keys per inner step

@@ -1,6 +1,6 @@
 """Kernel micro-benchmarks on one GPU: ragged paged attention vs copy bandwidth, JAX's shipped paged kernel, cuDNN.
 
-    python3 benchmarks/kernels.py [--quick] [--part decode,prefill,fused] [--sweep decode,prefill] [--out r.jsonl]
+    python3 benchmarks/kernel_bench.py [--quick] [--part decode,prefill,fused] [--sweep decode,prefill] [--out r.jsonl]
 
 Every kernel is first checked against the pure-JAX reference on the benchmark inputs (compiled, on the GPU), then
 timed by `time_us`: chained calls in one jitted loop, page tables rotating over disjoint page sets so that K/V come
