@@ -16,6 +16,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices to shard the model over")
     p.add_argument("-v", "--verbose", action="store_true", help="log jaxpaged's INFO messages (loading, KV cache)")
 
 
@@ -24,7 +25,8 @@ def _make_llm(args):
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
-               gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed)
+               gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
+               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _generate(args) -> int:

@@ -64,8 +64,9 @@ class EngineArgs:
         if self.num_gpu_blocks_override is not None:
             _check_range("num_gpu_blocks_override", self.num_gpu_blocks_override, self.num_gpu_blocks_override >= 2,
                          ">= 2 (page 0 is the reserved null page)")
-        _check_range("tensor_parallel_size", self.tensor_parallel_size, self.tensor_parallel_size == 1,
-                     "1 (tensor parallelism is not implemented yet)")
+        _check_range("tensor_parallel_size", self.tensor_parallel_size,
+                     isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                     "an integer >= 1 (devices of one host for now)")
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

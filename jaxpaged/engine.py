@@ -15,6 +15,7 @@ from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.kv_pool import device_kv_budget, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
+from jaxpaged.models.sharding import kv_heads_per_device, log_plan, make_mesh, shard_model
 from jaxpaged.output_processor import OutputProcessor
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.page_manager import PageManager
@@ -61,6 +62,8 @@ class LLMEngine:
         self.args = args
         cache_dir = _enable_compilation_cache(args.compilation_cache_dir)
         self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed)
+        if args.tensor_parallel_size > 1:
+            self.model = shard_model(self.model, make_mesh(args.tensor_parallel_size))
         cfg = self.model.config
         self.model_name = args.served_model_name or self.model.name
         tokenizer_path = args.tokenizer or self.model.tokenizer_path
@@ -74,13 +77,14 @@ class LLMEngine:
         max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
         buckets = Buckets(max_num_batched_tokens, max_num_seqs)
         signature = repr((cfg, str(self.model.dtype), args.attention_impl, args.block_size, self.max_model_len,
-                          max_num_seqs, jax.tree.map(lambda x: (x.shape, str(x.dtype)), self.model.params)))
+                          max_num_seqs, args.tensor_parallel_size,
+                          jax.tree.map(lambda x: (x.shape, str(x.dtype)), self.model.params)))
         self.runner = ModelRunner(self.model, page_size=args.block_size, max_model_len=self.max_model_len,
                                   buckets=buckets, attn_impl=args.attention_impl, kv_dtype=self.model.dtype,
                                   executable_cache=ExecutableCache(os.path.join(cache_dir, "executables"),
                                                                    signature))
-        per_page = page_bytes(cfg.num_hidden_layers, args.block_size, cfg.num_key_value_heads, cfg.head_dim,
-                              self.model.dtype)
+        per_page = page_bytes(cfg.num_hidden_layers, args.block_size,  # on one device: its share of the heads
+                              kv_heads_per_device(cfg, args.tensor_parallel_size), cfg.head_dim, self.model.dtype)
         num_pages = num_pages_for(
             override=args.num_gpu_blocks_override, kv_bytes=args.kv_cache_memory_bytes, per_page=per_page,
             backend=backend, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
@@ -88,6 +92,8 @@ class LLMEngine:
             device_budget=lambda: device_kv_budget(args.gpu_memory_utilization, self.runner.activation_bytes()))
         self._check_pool(num_pages, args.block_size)
         self.runner.allocate_kv_pool(num_pages)
+        if self.model.mesh is not None:
+            log_plan(self.model, num_pages * per_page)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    args.num_scheduler_steps)

@@ -106,7 +106,10 @@ class ExecutableCache:
         try:
             if hashlib.sha256(payload).digest() != data[:_DIGEST]:
                 raise ValueError("checksum mismatch (truncated or corrupt)")
-            return serialize_executable.deserialize_and_load(*pickle.loads(payload))
+            serialized, in_tree, out_tree, device_ids = pickle.loads(payload)
+            by_id = {d.id: d for d in jax.devices()}
+            return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree,
+                                                             execution_devices=[by_id[i] for i in device_ids])
         except Exception as e:  # noqa: BLE001  any unusable entry is rebuilt, never used
             logger.warning("Discarding the compiled-program cache file %s: %s", path, e)
             try:
@@ -119,7 +122,9 @@ class ExecutableCache:
         if not self._writable:
             return
         try:
-            payload = pickle.dumps(serialize_executable.serialize(program))
+            # the devices it runs on, in order: loading would otherwise spread it over all of the host's devices
+            device_ids = [d.id for d in program._executable._unloaded_executable.device_list]
+            payload = pickle.dumps((*serialize_executable.serialize(program), device_ids))
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         except Exception as e:  # noqa: BLE001  a cache that cannot be written only costs the next start time
             self._writable = False

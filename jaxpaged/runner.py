@@ -24,6 +24,7 @@ from jaxpaged.buckets import Buckets
 from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.input_batch import InputBatch, StepLayout
 from jaxpaged.models import LoadedModel
+from jaxpaged.models.sharding import pool_sharding, replicated
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
@@ -50,8 +51,6 @@ class StepHandle:
         return split_steps(out) if self.sched.num_steps > 1 else [out]
 
 
-def _spec(shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 class ModelRunner:
@@ -70,15 +69,29 @@ class ModelRunner:
         self._min_tokens = np.zeros(num_slots + 1, np.int32)
         self._penalties = np.zeros(num_slots + 1, bool)
         self.kv_caches = None
-        self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32)
-        self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32)
+        # with a tensor-parallel mesh: host inputs, page tables and sampled ids on every device, the pool split
+        self._replicated, self._pool_sharding = replicated(model.mesh), pool_sharding(model.mesh)
+        self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32, device=self._replicated)
+        self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32, device=self._replicated)
         self.attn_impl = attn_impl
         self.executable_cache = executable_cache or ExecutableCache(None, "")
-        self.forward_fn = jax.jit(functools.partial(forward_step, model, attn_impl, page_size), donate_argnums=(1,))
-        self.update_fn = jax.jit(update_tables, donate_argnums=(0,))
+        self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1,), "pr")
+        self.update_fn = self._jit(update_tables, (0,), "r")
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
 
     # ---- memory and compilation -----------------------------------------------------------------------------
+
+    def _jit(self, fn, donate: tuple[int, ...], outs: str):
+        """jax.jit of a step function; with a mesh its outputs get fixed shardings, one letter per output: "p"
+        the pool's, "r" replicated (so that one program's outputs are the next one's expected inputs)."""
+        if self._replicated is None:
+            return jax.jit(fn, donate_argnums=donate)
+        shardings = tuple(self._pool_sharding if o == "p" else self._replicated for o in outs)
+        return jax.jit(fn, donate_argnums=donate, out_shardings=shardings if len(shardings) > 1 else shardings[0])
+
+    def _spec(self, shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        """An input of a program being lowered (replicated over the mesh, if any)."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
     def _pool_shape(self, num_pages: int) -> tuple[int, int, int, int]:
         cfg = self.model.config
@@ -87,12 +100,13 @@ class ModelRunner:
     def allocate_kv_pool(self, num_pages: int) -> None:
         """Allocates the per-layer (K, V) page arrays, [num_pages, page_size, num_kv_heads, head_dim] each."""
         shape = self._pool_shape(num_pages)
-        self.kv_caches = [(jnp.zeros(shape, self.kv_dtype), jnp.zeros(shape, self.kv_dtype))
+        self.kv_caches = [(jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding),
+                           jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding))
                           for _ in range(self.model.config.num_hidden_layers)]
 
     def activation_bytes(self) -> int:
         """Temporary memory of the largest forward bucket (compiled against a 2-page pool) and sampler."""
-        page = _spec(self._pool_shape(2), self.kv_dtype)
+        page = jax.ShapeDtypeStruct(self._pool_shape(2), self.kv_dtype, sharding=self._pool_sharding)
         caches = [(page, page)] * self.model.config.num_hidden_layers
         num_tokens, num_seqs = max(self.buckets.all_shapes())
         flags = SamplerFlags(True, True, True)
@@ -103,25 +117,27 @@ class ModelRunner:
 
     def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
         return self.forward_fn.lower(self.model.params, caches or self.kv_caches, self.page_tables, self.slot_tokens,
-                                     _spec((num_tokens,)), _spec((3 * num_seqs + 2,)))
+                                     self._spec((num_tokens,)), self._spec((3 * num_seqs + 2,)))
 
     def _lower_sample(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int):
-        fn = jax.jit(functools.partial(sample_step, self.model, flags), donate_argnums=(1,))
-        hidden = _spec((num_seqs, self.model.config.hidden_size), self.model.dtype)
-        return fn.lower(self.model.params, self.slot_tokens, hidden, _spec((6, num_seqs), jnp.float32),
-                        _spec((5, num_seqs)), _spec((num_seqs, penalty_width)), _spec((num_seqs, banned_width)))
+        fn = self._jit(functools.partial(sample_step, self.model, flags), (1,), "rr")
+        hidden = self._spec((num_seqs, self.model.config.hidden_size), self.model.dtype)
+        spec = self._spec
+        return fn.lower(self.model.params, self.slot_tokens, hidden, spec((6, num_seqs), jnp.float32),
+                        spec((5, num_seqs)), spec((num_seqs, penalty_width)), spec((num_seqs, banned_width)))
 
     def _lower_decode(self, num_seqs: int, num_steps: int, flags: SamplerFlags):
-        fn = jax.jit(functools.partial(decode_steps, self.model, self.attn_impl, self.page_size, flags, num_steps),
-                     donate_argnums=(1, 3))
-        return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, _spec((num_seqs,)),
-                        _spec((4 * num_seqs + 2,)), _spec((6, num_seqs), jnp.float32), _spec((5, num_seqs)))
+        fn = self._jit(functools.partial(decode_steps, self.model, self.attn_impl, self.page_size, flags, num_steps),
+                       (1, 3), "prr")
+        spec = self._spec
+        return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, spec((num_seqs,)),
+                        spec((4 * num_seqs + 2,)), spec((6, num_seqs), jnp.float32), spec((5, num_seqs)))
 
     def _compile(self, key: tuple) -> tuple[tuple, jax.stages.Compiled]:
         """(key, the compiled program `key`), from the executable cache when it has it."""
         kind, *shape = key
         lower = {"forward": self._lower_forward, "sample": self._lower_sample, "decode": self._lower_decode,
-                 "update": lambda: self.update_fn.lower(self.page_tables, _spec((3, _UPDATE_CHUNK)))}[kind]
+                 "update": lambda: self.update_fn.lower(self.page_tables, self._spec((3, _UPDATE_CHUNK)))}[kind]
         pool = self.kv_caches[0][0].shape if kind in ("forward", "decode") else None
         return key, self.executable_cache.get((*key, pool), lambda: lower(*shape).compile())
 

@@ -4,9 +4,12 @@ One call runs a flat ragged batch: T new tokens of several sequences; every laye
 (`write_kv_pages`) and then attends through `ragged_paged_attention`. Norms, softmax and rotary run in float32.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxpaged.kernels import ragged_paged_attention, write_kv_pages
 from jaxpaged.models.config import ModelConfig
@@ -49,6 +52,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attn_impl: str
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, md: AttentionMetadata, kv: tuple[jax.Array, jax.Array], cos, sin):
@@ -59,11 +63,26 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(t, c.num_attention_heads, c.head_dim), cos, sin)  # [T, H, D]
         k = apply_rope(k.reshape(t, c.num_key_value_heads, c.head_dim), cos, sin)  # [T, KVH, D]
         v = v.reshape(t, c.num_key_value_heads, c.head_dim)
-        k_pages, v_pages = write_kv_pages(kv[0], kv[1], k, v, md.slot_mapping)
-        out = ragged_paged_attention(q, k_pages, v_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
-                                     sm_scale=c.head_dim ** -0.5, impl=self.attn_impl)  # [T, H, D]
+        out, k_pages, v_pages = _paged_attention(self.mesh, self.attn_impl, c.head_dim ** -0.5, q, k, v, *kv, md)
         out = _dense(c.hidden_size, "o_proj", self.dtype)(out.reshape(t, -1))
         return out, (k_pages, v_pages)
+
+
+def _paged_attention(mesh, impl: str, sm_scale: float, q, k, v, k_pages, v_pages, md: AttentionMetadata):
+    """Writes the new K/V into the pages and attends: q [T, H, D], k / v [T, KVH, D] -> out [T, H, D] and the
+    pages. With a mesh, each device runs both on its own heads and its share of the pool (heads split over the
+    mesh axis, metadata replicated): no communication inside attention."""
+    def attend(q, k, v, k_pages, v_pages, md):
+        k_pages, v_pages = write_kv_pages(k_pages, v_pages, k, v, md.slot_mapping)
+        out = ragged_paged_attention(q, k_pages, v_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+                                     sm_scale=sm_scale, impl=impl)
+        return out, k_pages, v_pages
+
+    if mesh is None:
+        return attend(q, k, v, k_pages, v_pages, md)
+    heads, pool = P(None, mesh.axis_names[0], None), P(None, None, mesh.axis_names[0], None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, pool, pool, P()),
+                         out_specs=(heads, pool, pool), check_vma=False)(q, k, v, k_pages, v_pages, md)
 
 
 class MLP(nn.Module):
@@ -86,12 +105,13 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attn_impl: str
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, md, kv, cos, sin):
         c = self.cfg
         with jax.named_scope("attention"):
-            h, kv = Attention(c, self.dtype, self.attn_impl, name="self_attn")(
+            h, kv = Attention(c, self.dtype, self.attn_impl, self.mesh, name="self_attn")(
                 RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), md, kv, cos, sin)
         x = x + h
         with jax.named_scope("mlp"):
@@ -105,6 +125,7 @@ class LlamaModel(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attn_impl: str = "auto"
+    mesh: Any = None  # tensor-parallel mesh: attention per device on its heads (models/sharding.py)
 
     @nn.compact
     def __call__(self, token_ids: jax.Array, md: AttentionMetadata, kv_caches: KVCache):
@@ -118,7 +139,7 @@ class LlamaModel(nn.Module):
         new_caches = []
         for i, kv in enumerate(kv_caches):
             with jax.named_scope(f"layer_{i}"):
-                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, name=f"layers_{i}")(x, md, kv, cos, sin)
+                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, self.mesh, name=f"layers_{i}")(x, md, kv, cos, sin)
             new_caches.append(kv)
         with jax.named_scope("final_norm"):
             x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [T, hidden]

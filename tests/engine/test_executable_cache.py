@@ -70,3 +70,19 @@ def test_a_folder_that_cannot_be_written_only_warns(tmp_path, caplog):
         assert _run(cache.get(("p",), _program(calls))) == ([1.0, 3.0, 5.0, 7.0], [4.0, 4.0, 4.0])
     assert "Cannot write compiled programs" in caplog.text
     assert calls == [1] and not os.path.isdir(blocker / "executables")
+
+
+def test_a_program_on_some_devices_loads_onto_the_same_ones(tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()[2:4]  # the test suite's virtual CPU devices (tests/conftest.py)
+    sharding = NamedSharding(Mesh(devices, ("model",)), PartitionSpec("model"))
+
+    def compile_fn():
+        spec = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)
+        return jax.jit(lambda x: x * 2, out_shardings=sharding).lower(spec).compile()
+
+    ExecutableCache(str(tmp_path), "m").get(("p",), compile_fn)
+    later = ExecutableCache(str(tmp_path), "m")
+    out = later.get(("p",), compile_fn)(jax.device_put(jnp.arange(4.0), sharding))
+    assert later.hits == 1 and out.sharding.device_set == set(devices) and out.tolist() == [0.0, 2.0, 4.0, 6.0]

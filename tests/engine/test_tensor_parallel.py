@@ -1,0 +1,84 @@
+"""Tensor parallelism on 8 virtual CPU devices (tests/conftest.py sets XLA_FLAGS): same greedy tokens for every
+mesh size, weights and pool sharded as declared, KV heads replicated when the mesh has more devices than KV
+heads, vLLM's errors for sizes that do not divide the heads."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from jaxpaged import LLM, SamplingParams
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+PROMPTS = [[1, 5, 9, 20, 33], [7, 8, 9], list(range(3, 40)), [100, 2, 54, 17]]
+PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+KW = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
+
+
+def greedy(model: str, tp: int, **kw) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(model, tensor_parallel_size=tp, **KW, **kw)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS, use_tqdm=False)
+    return llm, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def eight_heads(tmp_path_factory) -> str:
+    """An untied Llama config with 8 query and 2 KV heads (dummy weights), so that TP goes up to 8."""
+    with open(os.path.join(FIXTURES, "llama2_mha_untied", "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=16, intermediate_size=192)
+    path = tmp_path_factory.mktemp("eight_heads") / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("fixture", ["llama2_mha_untied", "llama31_gqa_tied_rope_scaling", "qwen2_bias_gqa"])
+def test_real_weights_give_the_same_greedy_tokens_for_tp_1_2_4(fixture):
+    folder = os.path.join(FIXTURES, fixture)  # 4 query heads; 4 or 2 KV heads (TP=4 replicates 2 of them)
+    _, base = greedy(folder, 1)
+    assert len({tuple(t) for t in base}) == len(PROMPTS)  # the prompts lead to different continuations
+    for tp in (2, 4):
+        assert greedy(folder, tp)[1] == base, tp
+
+
+def test_tp_1_2_4_8_same_tokens_and_shardings(eight_heads):
+    _, base = greedy(eight_heads, 1, load_format="dummy")
+    for tp in (2, 4, 8):
+        llm, tokens = greedy(eight_heads, tp, load_format="dummy")
+        assert tokens == base, tp
+        runner = llm.llm_engine.runner
+        layer = runner.model.params["model"]["layers_0"]
+        shard = {name: leaf.addressable_shards[0].data.shape for name, leaf in [
+            ("q", layer["self_attn"]["q_proj"]["kernel"]), ("o", layer["self_attn"]["o_proj"]["kernel"]),
+            ("down", layer["mlp"]["down_proj"]["kernel"]), ("norm", layer["input_layernorm"]["weight"]),
+            ("embed", runner.model.params["model"]["embed_tokens"]["embedding"]),
+            ("head", runner.model.params["lm_head"]["kernel"])]}
+        assert shard == {"q": (128, 128 // tp), "o": (128 // tp, 128), "down": (192 // tp, 128), "norm": (128,),
+                         "embed": (128 // tp, 128), "head": (128, 128 // tp)}
+        k_pages = runner.kv_caches[0][0]
+        kv_heads = max(2, tp)  # 2 KV heads, replicated up to one per device
+        assert runner.model.config.num_key_value_heads == kv_heads
+        assert len(k_pages.addressable_shards) == tp
+        assert all(s.data.shape[2] == kv_heads // tp for s in k_pages.addressable_shards)
+
+
+def test_embedded_smollm2_tp3_matches_transformers():
+    with open(os.path.join(FIXTURES, "smollm2_greedy.json")) as f:
+        cases = json.load(f)["cases"]
+    llm = LLM(tensor_parallel_size=3, **{**KW, "max_model_len": 256})  # 9 query / 3 KV heads: 3 and 1 per device
+    params = SamplingParams(temperature=0, max_tokens=len(cases[0]["hf_token_ids"]), ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": c["prompt_token_ids"]} for c in cases], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [c["hf_token_ids"] for c in cases]
+    assert llm.llm_engine.runner.kv_caches[0][0].addressable_shards[0].data.shape[2] == 1
+
+
+@pytest.mark.parametrize("tp, message", [
+    (3, r"Total number of attention heads \(8\) must be divisible by tensor parallel size \(3\)"),
+    (16, r"tensor_parallel_size=16 needs that many devices, but JAX sees 8"),
+])
+def test_sizes_that_do_not_fit_are_rejected(eight_heads, tp, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(eight_heads, load_format="dummy", tensor_parallel_size=tp, **KW)
