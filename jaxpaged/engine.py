@@ -61,9 +61,10 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         cache_dir = _enable_compilation_cache(args.compilation_cache_dir)
-        self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed)
-        if args.tensor_parallel_size > 1:
-            self.model = shard_model(self.model, make_mesh(args.tensor_parallel_size))
+        mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
+        self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh)
+        if mesh is not None:
+            self.model = shard_model(self.model, mesh)
         cfg = self.model.config
         self.model_name = args.served_model_name or self.model.name
         tokenizer_path = args.tokenizer or self.model.tokenizer_path

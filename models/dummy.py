@@ -4,20 +4,24 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.sharding import placer
 from jaxpaged.models.weights import param_shapes
 
 
-def dummy_params(cfg: ModelConfig, dtype, seed: int) -> dict:
-    """Normal(0, 0.02) matrices and ones for norm weights, generated on device leaf by leaf, same per seed."""
+def dummy_params(cfg: ModelConfig, dtype, seed: int, mesh=None) -> dict:
+    """Normal(0, 0.02) matrices and ones for norm weights, generated on device leaf by leaf, same per seed (and
+    for any tensor-parallel `mesh`, each leaf placed into its sharding as soon as it is made)."""
+    place = placer(cfg, dtype, mesh)
     shapes = param_shapes(cfg, dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     key = jax.random.key(seed)
     out = []
     for i, (path, leaf) in enumerate(leaves):
-        if path[-1].key == "weight":  # RMSNorm
-            out.append(jnp.ones(leaf.shape, dtype))
+        keys = tuple(k.key for k in path)
+        if keys[-1] == "weight":  # RMSNorm
+            out.append(place(keys, jnp.ones(leaf.shape, dtype)))
         else:
-            out.append(_normal(jax.random.fold_in(key, i), leaf.shape, dtype))
+            out.append(place(keys, _normal(jax.random.fold_in(key, i), leaf.shape, dtype)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

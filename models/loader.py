@@ -52,7 +52,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None):
 
 
 def load_model(model: str | None = None, *, load_format: str = "auto", dtype: str = "auto", seed: int = 0,
-               hf_config_overrides: dict | None = None) -> LoadedModel:
+               hf_config_overrides: dict | None = None, mesh=None) -> LoadedModel:
     """Loads a Llama-family model.
 
     model: a HF directory, a .gguf file (or a directory holding exactly one and no config.json), an orbax checkpoint
@@ -61,7 +61,8 @@ def load_model(model: str | None = None, *, load_format: str = "auto", dtype: st
     dtype: "auto" follows the checkpoint (config.json torch_dtype, bfloat16 when absent; an orbax checkpoint's saved
     dtype). GGUF "auto" is float32 on CPU (the parity reference) and bfloat16 elsewhere: GGUF weights are mostly
     quantised, so the file says nothing useful. hf_config_overrides: HF config keys replacing the checkpoint's.
-    seed: only for dummy weights.
+    seed: only for dummy weights. mesh: a tensor-parallel mesh (`sharding.make_mesh`): each weight is placed into
+    its sharding as it is read (orbax: restored, then placed leaf by leaf); `sharding.shard_model` finishes the job.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported (allowed: {', '.join(LOAD_FORMATS)})")
@@ -69,20 +70,20 @@ def load_model(model: str | None = None, *, load_format: str = "auto", dtype: st
     if model is None:
         model = embedded_model_path()
     if load_format == "dummy":
-        return _load_dummy(model, dtype, seed, hf_config_overrides)
+        return _load_dummy(model, dtype, seed, hf_config_overrides, mesh)
     if not os.path.exists(model):
         raise FileNotFoundError(f"{model}: no such file or directory; expected {_EXPECTED}")
     model = _single_gguf_in(model) or model
     is_orbax = os.path.isdir(model) and os.path.exists(os.path.join(model, "jaxpaged.json"))
     if load_format == "gguf" or (load_format == "auto" and model.endswith(".gguf")):
-        return _load_gguf(model, dtype, hf_config_overrides)
+        return _load_gguf(model, dtype, hf_config_overrides, mesh)
     if load_format == "orbax" or (load_format == "auto" and is_orbax):
         from jaxpaged.models.orbax_loader import load_orbax
 
-        return load_orbax(model, dtype, hf_config_overrides)
+        return load_orbax(model, dtype, hf_config_overrides, mesh)
     if not os.path.isdir(model):
         raise ValueError(f"{model}: not a directory or a .gguf file; expected {_EXPECTED}")
-    return _load_hf_dir(model, dtype, hf_config_overrides)
+    return _load_hf_dir(model, dtype, hf_config_overrides, mesh)
 
 
 def _single_gguf_in(path: str) -> str | None:
@@ -93,11 +94,11 @@ def _single_gguf_in(path: str) -> str | None:
     return os.path.join(path, files[0]) if len(files) == 1 else None
 
 
-def _load_hf_dir(folder: str, dtype: str, overrides: dict | None) -> LoadedModel:
+def _load_hf_dir(folder: str, dtype: str, overrides: dict | None, mesh) -> LoadedModel:
     cfg, raw, generation = hf_config(folder, overrides)
     jdtype = resolve_dtype(dtype, cfg.torch_dtype)
     tensors = (t for path in safetensors_files(folder) for t in read_safetensors(path))
-    params = build_params(cfg, tensors, jdtype, folder)
+    params = build_params(cfg, tensors, jdtype, folder, mesh)
     for key in ("eos_token_id", "bos_token_id"):
         if generation.get(key) is None and raw.get(key) is not None:
             generation[key] = raw[key]
@@ -117,15 +118,15 @@ def _gguf_dtype(dtype: str):
                          None)
 
 
-def _load_gguf(path: str, dtype: str, overrides: dict | None) -> LoadedModel:
+def _load_gguf(path: str, dtype: str, overrides: dict | None, mesh) -> LoadedModel:
     """A GGUF model, its converted weights read from the model cache after the first load (`model_cache`).
 
     NOTE: a load with `overrides` bypasses the cache: they may change how the weights are converted (head counts
     for the Q/K un-permutation), and the cache holds the file's own conversion.
     """
     jdtype = _gguf_dtype(dtype)
-    convert = functools.partial(_convert_gguf, path, jdtype, overrides)
-    raw, generation, params = convert() if overrides else cached_params(path, jdtype, convert)
+    convert = functools.partial(_convert_gguf, path, jdtype, overrides, mesh)
+    raw, generation, params = convert() if overrides else cached_params(path, jdtype, convert, mesh)
     cfg = config_from_hf(raw, path)
     folder, name = os.path.split(os.path.abspath(path))
     display = EMBEDDED_MODEL if path == _embedded_model_path_or_none() else name.removesuffix(".gguf")
@@ -133,13 +134,13 @@ def _load_gguf(path: str, dtype: str, overrides: dict | None) -> LoadedModel:
     return LoadedModel(cfg, params, jdtype, folder, {"gguf_file": name}, generation, display)
 
 
-def _convert_gguf(path: str, jdtype, overrides: dict | None) -> tuple[dict, dict, dict]:
+def _convert_gguf(path: str, jdtype, overrides: dict | None, mesh) -> tuple[dict, dict, dict]:
     """(HF config dict with `overrides`, generation config, params in `jdtype`), dequantised from the GGUF file."""
     reader = open_gguf(path)
     raw, generation = gguf_hf_config(reader, path)
     raw = {**raw, **(overrides or {})}
     cfg = config_from_hf(raw, path)
-    return raw, generation, build_params(cfg, gguf_tensors(reader, cfg, path), jdtype, path)
+    return raw, generation, build_params(cfg, gguf_tensors(reader, cfg, path), jdtype, path, mesh)
 
 
 def _embedded_model_path_or_none() -> str | None:
@@ -155,7 +156,7 @@ def shipped_config(name: str) -> dict:
                      f"one of the shipped configs {', '.join(SHIPPED_CONFIGS)}")
 
 
-def _load_dummy(model: str, dtype: str, seed: int, overrides: dict | None) -> LoadedModel:
+def _load_dummy(model: str, dtype: str, seed: int, overrides: dict | None, mesh) -> LoadedModel:
     """Random weights for a shipped config name, a config.json, a HF directory or a GGUF file's config."""
     tokenizer, tokenizer_kwargs = None, {}
     if model.endswith(".gguf"):
@@ -174,5 +175,5 @@ def _load_dummy(model: str, dtype: str, seed: int, overrides: dict | None) -> Lo
         cfg = ModelConfig.from_hf({**raw, **(overrides or {})})
         jdtype = resolve_dtype(dtype, cfg.torch_dtype)
         generation = {k: raw[k] for k in ("eos_token_id", "bos_token_id") if k in raw}
-    return LoadedModel(cfg, dummy_params(cfg, jdtype, seed), jdtype, tokenizer, tokenizer_kwargs, generation,
+    return LoadedModel(cfg, dummy_params(cfg, jdtype, seed, mesh), jdtype, tokenizer, tokenizer_kwargs, generation,
                        f"dummy-{os.path.basename(os.path.normpath(model))}")

@@ -26,6 +26,7 @@ import safetensors.numpy
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.safetensors_loader import read_safetensors
+from jaxpaged.models.sharding import placer
 from jaxpaged.models.weights import param_shapes
 
 logger = logging.getLogger(__name__)
@@ -157,11 +158,13 @@ def _intact(folder: str) -> bool:
         return False
 
 
-def cached_params(source: str, dtype, build: Callable[[], tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
-    """(HF config dict, generation config, params in `dtype`) of the file `source`: read from the cache, else
-    `build()` (the real conversion) and cached for the next load."""
+def cached_params(source: str, dtype, build: Callable[[], tuple[dict, dict, dict]],
+                  mesh=None) -> tuple[dict, dict, dict]:
+    """(HF config dict, generation config, params in `dtype`) of the file `source`: read from the cache (each
+    tensor placed on `mesh` as it is read, when given), else `build()` (the real conversion) and cached for the
+    next load."""
     folder = part_dir(source, f"weights-{jnp.dtype(dtype).name}")
-    cached = None if open_part(folder) is None else _read_params(folder, dtype)
+    cached = None if open_part(folder) is None else _read_params(folder, dtype, mesh)
     if cached is not None:
         logger.info("Read the converted weights of %s from the model cache %s.", source, folder)
         return cached
@@ -180,20 +183,22 @@ def _write_params(folder: str, *, raw: dict, generation: dict, params: dict) -> 
             json.dump(value, f, indent=1)
 
 
-def _read_params(folder: str, dtype) -> tuple[dict, dict, dict] | None:
+def _read_params(folder: str, dtype, mesh) -> tuple[dict, dict, dict] | None:
     """The cached (config, generation, params); None (logged) when they do not fit the config's param shapes."""
     with open(os.path.join(folder, _CONFIG)) as f:
         raw = json.load(f)
     with open(os.path.join(folder, _GENERATION)) as f:
         generation = json.load(f)
+    cfg = ModelConfig.from_hf(raw)
+    place = placer(cfg, dtype, mesh)
     params: dict = {"model": {}, "lm_head": {}}
     for name, array in read_safetensors(os.path.join(folder, _TENSORS)):
         *parents, leaf = name.split("/")
         node = params
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = jnp.array(array)  # a copy: the cache file may be replaced while the params live
-    expected = param_shapes(ModelConfig.from_hf(raw), dtype)
+        node[leaf] = place(tuple(name.split("/")), np.array(array))  # a copy: the file may be replaced later
+    expected = param_shapes(cfg, dtype)
     if jax.tree.map(lambda a: (a.shape, a.dtype), params) != jax.tree.map(lambda a: (a.shape, a.dtype), expected):
         logger.info("Model cache entry %s does not match its config's parameter shapes; rebuilding it.", folder)
         return None

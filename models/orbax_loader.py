@@ -6,10 +6,12 @@ orbax-checkpoint is an optional dependency, imported only here.
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loaded import LoadedModel
+from jaxpaged.models.sharding import placer
 from jaxpaged.models.weights import param_shapes
 
 MANIFEST = "jaxpaged.json"
@@ -36,7 +38,7 @@ def save_orbax(model: LoadedModel, path: str) -> None:
         json.dump(manifest, f, indent=1)
 
 
-def load_orbax(path: str, dtype: str, overrides: dict | None = None) -> LoadedModel:
+def load_orbax(path: str, dtype: str, overrides: dict | None = None, mesh=None) -> LoadedModel:
     """Restores a directory written by `save_orbax`; dtype "auto" keeps the saved dtype, else casts on restore."""
     from jaxpaged.models.loader import resolve_dtype
     from jaxpaged.models.safetensors_loader import read_json
@@ -54,5 +56,8 @@ def load_orbax(path: str, dtype: str, overrides: dict | None = None) -> LoadedMo
             params = ckpt.restore(params_dir, param_shapes(cfg, jdtype))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ValueError(f"{params_dir}: cannot restore the params of this config ({e})") from None
+    if mesh is not None:  # NOTE: restored on the default device first; a sharded restore target is not written yet
+        place = placer(cfg, jdtype, mesh)
+        params = jax.tree_util.tree_map_with_path(lambda p, x: place(tuple(k.key for k in p), x), params)
     return LoadedModel(cfg, params, jdtype, manifest["tokenizer_path"], manifest["tokenizer_kwargs"],
                        manifest["generation_config"], manifest["name"])

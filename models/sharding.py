@@ -15,8 +15,11 @@ import dataclasses
 import logging
 import re
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpaged.models.config import ModelConfig
@@ -75,15 +78,47 @@ def param_spec(path: str) -> P:
     raise KeyError(f"no sharding rule for parameter {path!r}")
 
 
+Place = Callable[[tuple[str, ...], object], jax.Array]  # (params path, host or device array) -> placed array
+
+
+def placer(cfg: ModelConfig, dtype, mesh: Mesh | None) -> Place:
+    """How a loader puts each weight on the devices as it is read, one tensor at a time: cast to `dtype`, then on
+    the default device, or with a mesh straight into its sharding (each device receives only its slice). With more
+    devices than KV heads, k/v projections are placed whole on every device: `shard_model` repeats their heads
+    before splitting them."""
+    if mesh is None:
+        return lambda path, array: jnp.asarray(array, dtype=dtype)
+    check_divisible(cfg, mesh.shape[AXIS])
+    replicate_kv = mesh.shape[AXIS] > cfg.num_key_value_heads
+
+    def place(path: tuple[str, ...], array) -> jax.Array:
+        name = "/".join(path)
+        kv = replicate_kv and re.search(r"self_attn/(k_proj|v_proj)/", name)
+        array = np.asarray(array).astype(dtype) if isinstance(array, np.ndarray) else array.astype(dtype)
+        return jax.device_put(array, NamedSharding(mesh, P() if kv else fitted_spec(name, array.shape, mesh)))
+    return place
+
+
+def fitted_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`param_spec(path)`, or replicated when the mesh does not divide the split dimension (a vocabulary of
+    128,256 over 3 devices: the embedding and LM head are then whole on every device)."""
+    spec = param_spec(path)
+    if any(axis is not None and dim % mesh.shape[axis] for dim, axis in zip(shape, spec)):
+        logger.info("%s %s is not divisible over the mesh: replicated.", path, shape)
+        return P()
+    return spec
+
+
 def param_shardings(params, mesh: Mesh):
     """A pytree like `params` of NamedShardings from `PARAM_RULES`."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, param_spec("/".join(k.key for k in path))), params)
+        lambda path, leaf: NamedSharding(mesh, fitted_spec("/".join(k.key for k in path), leaf.shape, mesh)), params)
 
 
 def shard_model(model: LoadedModel, mesh: Mesh) -> LoadedModel:
-    """`model` with its weights placed leaf by leaf on `mesh` (KV heads replicated up to the mesh size when it
-    exceeds them) and attention run per device; the weights' values are those of `model` for any mesh size."""
+    """`model` with its weights in their shardings on `mesh` (KV heads replicated up to the mesh size when it
+    exceeds them) and attention run per device; the weights' values are those of `model` for any mesh size.
+    Leaves a loader already placed (`load_model(mesh=...)`) stay where they are; others move leaf by leaf."""
     tp = mesh.shape[AXIS]
     cfg = model.config
     check_divisible(cfg, tp)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.sharding import placer
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 _NORM = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
@@ -55,8 +56,11 @@ def _path(name: str) -> tuple[tuple[str, ...], bool]:
     raise KeyError(name)
 
 
-def build_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype, source: str) -> dict:
-    """Places HF-named numpy tensors into the params pytree (cast to `dtype`), checking names and shapes."""
+def build_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype, source: str,
+                 mesh=None) -> dict:
+    """Places HF-named numpy tensors into the params pytree (cast to `dtype`), checking names and shapes; with a
+    tensor-parallel `mesh`, each straight into its sharding (`sharding.placer`)."""
+    place = placer(cfg, dtype, mesh)
     expected = param_shapes(cfg, dtype)
     params: dict = {"model": {}, "lm_head": {}}
     for name, array in tensors:
@@ -75,7 +79,7 @@ def build_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dt
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(array, dtype=dtype)
+        node[path[-1]] = place(path, array)
     paths = [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
     missing = [".".join(p) for p in paths if _lookup(params, p) is None]
     if missing:

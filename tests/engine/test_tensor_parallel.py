@@ -75,6 +75,24 @@ def test_embedded_smollm2_tp3_matches_transformers():
     assert llm.llm_engine.runner.kv_caches[0][0].addressable_shards[0].data.shape[2] == 1
 
 
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
+def test_loading_places_each_weight_into_its_sharding(load_format):
+    import numpy as np
+    from jax.sharding import PartitionSpec
+
+    from jaxpaged.models import load_model
+    from jaxpaged.models.sharding import make_mesh
+
+    folder = os.path.join(FIXTURES, "llama31_gqa_tied_rope_scaling")  # 2 KV heads: whole k/v on each of 4 devices
+    plain = load_model(folder, load_format=load_format, dtype="float32")
+    placed = load_model(folder, load_format=load_format, dtype="float32", mesh=make_mesh(4))
+    attn, mlp = placed.params["model"]["layers_0"]["self_attn"], placed.params["model"]["layers_0"]["mlp"]
+    specs = [leaf.sharding.spec for leaf in (attn["q_proj"]["kernel"], attn["k_proj"]["kernel"],
+                                             mlp["down_proj"]["kernel"], placed.params["model"]["norm"]["weight"])]
+    assert specs == [PartitionSpec(None, "model"), PartitionSpec(), PartitionSpec("model", None), PartitionSpec()]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), plain.params, placed.params))
+
+
 @pytest.mark.parametrize("tp, message", [
     (3, r"Total number of attention heads \(8\) must be divisible by tensor parallel size \(3\)"),
     (16, r"tensor_parallel_size=16 needs that many devices, but JAX sees 8"),
@@ -82,3 +100,41 @@ def test_embedded_smollm2_tp3_matches_transformers():
 def test_sizes_that_do_not_fit_are_rejected(eight_heads, tp, message):
     with pytest.raises(ValueError, match=message):
         LLM(eight_heads, load_format="dummy", tensor_parallel_size=tp, **KW)
+
+
+@pytest.mark.slow
+def test_llama_70b_tp8_step_holds_an_eighth_of_weights_and_pool_per_device():
+    """Compile only (nothing of 70B is allocated): the forward step's per-device arguments are 1/8 of the weights
+    it reads (all but the LM head) plus 1/8 of the pool (64 query / 8 KV heads: one KV head per device)."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from jaxpaged.models import LoadedModel, ModelConfig
+    from jaxpaged.models.loader import shipped_config
+    from jaxpaged.models.sharding import make_mesh, param_shardings, pool_sharding, replicated
+    from jaxpaged.models.weights import param_shapes
+    from jaxpaged.step_programs import forward_step
+
+    cfg = ModelConfig.from_hf(shipped_config("llama-3.1-70b"))
+    mesh = make_mesh(8)
+    shapes = param_shapes(cfg, jnp.bfloat16)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          param_shardings(shapes, mesh))
+    model = LoadedModel(cfg, params, jnp.bfloat16, None, {}, {}, "llama-3.1-70b", mesh)
+    num_pages, page_size, num_tokens, num_seqs = 4096, 16, 64, 8
+    page = jax.ShapeDtypeStruct((num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim), jnp.bfloat16,
+                                sharding=pool_sharding(mesh))
+    rep = replicated(mesh)
+    fn = jax.jit(functools.partial(forward_step, model, "reference", page_size), donate_argnums=(1,),
+                 out_shardings=(pool_sharding(mesh), rep))
+    compiled = fn.lower(params, [(page, page)] * cfg.num_hidden_layers,
+                        jax.ShapeDtypeStruct((num_seqs + 1, 64), jnp.int32, sharding=rep),
+                        jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32, sharding=rep),
+                        jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=rep),
+                        jax.ShapeDtypeStruct((3 * num_seqs + 2,), jnp.int32, sharding=rep)).compile()
+    weights = sum(s.size * 2 for s in jax.tree.leaves(shapes["model"]))  # bf16; the LM head is the sampler's
+    pool = 2 * cfg.num_hidden_layers * num_pages * page_size * cfg.num_key_value_heads * cfg.head_dim * 2
+    per_device = compiled.memory_analysis().argument_size_in_bytes
+    expected = (weights + pool) / 8
+    assert weights > 138e9 and abs(per_device - expected) / expected < 0.01, (per_device, expected)
