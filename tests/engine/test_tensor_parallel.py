@@ -44,6 +44,17 @@ def test_real_weights_give_the_same_greedy_tokens_for_tp_1_2_4(fixture):
         assert greedy(folder, tp)[1] == base, tp
 
 
+def test_seeded_sampling_and_logprobs_do_not_depend_on_tp():
+    folder = os.path.join(FIXTURES, "llama2_mha_untied")
+    params = SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=12, logprobs=2, ignore_eos=True)
+    runs = []
+    for tp in (1, 2):
+        outs = LLM(folder, tensor_parallel_size=tp, **KW).generate([{"prompt_token_ids": p} for p in PROMPTS],
+                                                                   params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, [sorted(d) for d in o.outputs[0].logprobs]) for o in outs])
+    assert runs[0] == runs[1]
+
+
 def test_tp_1_2_4_8_same_tokens_and_shardings(eight_heads):
     _, base = greedy(eight_heads, 1, load_format="dummy")
     for tp in (2, 4, 8):
