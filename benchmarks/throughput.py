@@ -103,15 +103,32 @@ def run_jaxpaged(args, requests: list[BenchRequest]) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = sampling_params(requests)
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm the host path
+    before = padding_counts(llm)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    padding = padding_shares({k: v - before[k] for k, v in padding_counts(llm).items()})
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt = sum(len(r.prompt_token_ids) for r in requests)
     return {"engine": "jaxpaged", "seconds": elapsed, "requests_per_s": len(outs) / elapsed,
             "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt) / elapsed,
             "output_tokens": generated, "startup_seconds": startup, "llm_kwargs": kwargs,
-            "output_digests": output_digests([o.outputs[0].token_ids for o in outs])}
+            "output_digests": output_digests([o.outputs[0].token_ids for o in outs]), "padding": padding}
+
+
+def padding_counts(llm) -> dict:
+    """The engine's step token / row counters and their bucket padding (empty for a jaxpaged without them)."""
+    return {m.name.removeprefix("jaxpaged:step_"): m.value for m in llm.get_metrics()
+            if m.name.startswith("jaxpaged:step_")}
+
+
+def padding_shares(counts: dict) -> dict:
+    """`counts` plus the padding's share of the tokens and rows the steps ran, in percent."""
+    if not counts:
+        return counts
+    tokens, rows = counts["tokens"] + counts["padding_tokens"], counts["rows"] + counts["padding_rows"]
+    return {**counts, "padding_tokens_pct": 100 * counts["padding_tokens"] / tokens,
+            "padding_rows_pct": 100 * counts["padding_rows"] / rows}
 
 
 def output_digests(token_lists: list[list[int]]) -> str:

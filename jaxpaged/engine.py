@@ -247,8 +247,9 @@ class LLMEngine:
     # ---- metrics --------------------------------------------------------------------------------------------
 
     def get_metrics(self) -> list[Gauge | Counter]:
-        """vLLM-named gauges and counters of the engine's state."""
-        stats = self.page_manager.stats
+        """vLLM-named gauges and counters of the engine's state, and jaxpaged's padding counters (tokens and
+        sequence rows the steps ran, and what their bucket shapes added)."""
+        stats, padding = self.page_manager.stats, self.runner.padding
         return [
             Gauge("vllm:num_requests_running", len(self.scheduler.running)),
             Gauge("vllm:num_requests_waiting", len(self.scheduler.waiting)),
@@ -259,4 +260,8 @@ class LLMEngine:
             Counter("vllm:prompt_tokens", self.counters.prompt_tokens),
             Counter("vllm:generation_tokens", self.counters.generation_tokens),
             Counter("vllm:request_success", self.counters.num_requests_finished),
+            Counter("jaxpaged:step_tokens", padding.tokens),
+            Counter("jaxpaged:step_padding_tokens", padding.padding_tokens),
+            Counter("jaxpaged:step_rows", padding.rows),
+            Counter("jaxpaged:step_padding_rows", padding.padding_rows),
         ]

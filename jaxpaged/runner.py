@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from jaxpaged.buckets import Buckets
 from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.input_batch import InputBatch, StepLayout
+from jaxpaged.metrics import PaddingStats
 from jaxpaged.models import LoadedModel
 from jaxpaged.models.sharding import pool_sharding, replicated
 from jaxpaged.request import Request
@@ -78,6 +79,7 @@ class ModelRunner:
         self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1,), "pr")
         self.update_fn = self._jit(update_tables, (0,), "r")
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
+        self.padding = PaddingStats()
 
     # ---- memory and compilation -----------------------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class ModelRunner:
         if sched.num_steps > 1:
             return self._launch_decode(sched, num_seqs)
         num_tokens = self.buckets.num_tokens(sched.num_tokens)
+        self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
         lay = self.batch.layout(sched, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
@@ -216,6 +219,8 @@ class ModelRunner:
         lay = self.batch.layout(sched, num_seqs, num_seqs)
         steps = np.zeros(num_seqs, np.int32)
         steps[:lay.num_seqs] = [s.num_steps for s in sched.scheduled]
+        sub_steps = int(steps.sum())  # one token per live row and sub-step
+        self.padding.record(sub_steps, num_seqs * sched.num_steps, sub_steps, num_seqs * sched.num_steps)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
         floats, ints = self._sampling_inputs(lay)
         program = self._program(("decode", num_seqs, sched.num_steps, self.sampling.flags(lay.slots)))

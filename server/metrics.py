@@ -35,6 +35,10 @@ _DOCS = {
     "vllm:prompt_tokens": "Number of prefill tokens processed.",
     "vllm:generation_tokens": "Number of generation tokens processed.",
     "vllm:request_success": "Count of successfully processed requests.",
+    "jaxpaged:step_tokens": "Tokens the engine steps ran (each sub-step of a multi-step decode counted).",
+    "jaxpaged:step_padding_tokens": "Padding tokens the steps' bucket shapes added to them.",
+    "jaxpaged:step_rows": "Sequence rows the engine steps ran.",
+    "jaxpaged:step_padding_rows": "Padding rows the steps' sequence buckets added.",
 }
 
 

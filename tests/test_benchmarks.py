@@ -181,3 +181,12 @@ def test_output_digests_tell_requests_apart_one_crc_each():
     assert len(same) == 16 and same == throughput.output_digests([[1, 2, 3], [4]])
     other = throughput.output_digests([[1, 2, 3], [5]])
     assert other[:8] == same[:8] and other[8:] != same[8:]
+
+
+def test_padding_shares_and_engine_lists():
+    shares = throughput.padding_shares({"tokens": 30, "padding_tokens": 10, "rows": 3, "padding_rows": 1})
+    assert (shares["padding_tokens_pct"], shares["padding_rows_pct"]) == (25.0, 25.0)
+    assert throughput.padding_shares({}) == {}
+    assert throughput.parse_args(["--engine", "jaxpaged,hf"]).engine == ["jaxpaged", "hf"]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--engine", "jaxpaged,vllm"])
