@@ -62,7 +62,7 @@ def load_model(model: str | None = None, *, load_format: str = "auto", dtype: st
     dtype). GGUF "auto" is float32 on CPU (the parity reference) and bfloat16 elsewhere: GGUF weights are mostly
     quantised, so the file says nothing useful. hf_config_overrides: HF config keys replacing the checkpoint's.
     seed: only for dummy weights. mesh: a tensor-parallel mesh (`sharding.make_mesh`): each weight is placed into
-    its sharding as it is read (orbax: restored, then placed leaf by leaf); `sharding.shard_model` finishes the job.
+    its sharding as it is read (orbax: restored into them); `sharding.shard_model` finishes the job.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported (allowed: {', '.join(LOAD_FORMATS)})")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loaded import LoadedModel
-from jaxpaged.models.sharding import placer
+from jaxpaged.models.sharding import AXIS, check_divisible, loading_sharding
 from jaxpaged.models.weights import param_shapes
 
 MANIFEST = "jaxpaged.json"
@@ -51,13 +51,15 @@ def load_orbax(path: str, dtype: str, overrides: dict | None = None, mesh=None) 
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir}: not found; expected the orbax params of a jaxpaged checkpoint")
+    target = param_shapes(cfg, jdtype)
+    if mesh is not None:  # restored straight into the shardings: each device reads its slices
+        check_divisible(cfg, mesh.shape[AXIS])
+        target = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=loading_sharding(cfg, mesh, "/".join(k.key for k in p), x.shape)), target)
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore(params_dir, param_shapes(cfg, jdtype))
+            params = ckpt.restore(params_dir, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ValueError(f"{params_dir}: cannot restore the params of this config ({e})") from None
-    if mesh is not None:  # NOTE: restored on the default device first; a sharded restore target is not written yet
-        place = placer(cfg, jdtype, mesh)
-        params = jax.tree_util.tree_map_with_path(lambda p, x: place(tuple(k.key for k in p), x), params)
     return LoadedModel(cfg, params, jdtype, manifest["tokenizer_path"], manifest["tokenizer_kwargs"],
                        manifest["generation_config"], manifest["name"])

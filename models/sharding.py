@@ -89,14 +89,19 @@ def placer(cfg: ModelConfig, dtype, mesh: Mesh | None) -> Place:
     if mesh is None:
         return lambda path, array: jnp.asarray(array, dtype=dtype)
     check_divisible(cfg, mesh.shape[AXIS])
-    replicate_kv = mesh.shape[AXIS] > cfg.num_key_value_heads
 
     def place(path: tuple[str, ...], array) -> jax.Array:
-        name = "/".join(path)
-        kv = replicate_kv and re.search(r"self_attn/(k_proj|v_proj)/", name)
         array = np.asarray(array).astype(dtype) if isinstance(array, np.ndarray) else array.astype(dtype)
-        return jax.device_put(array, NamedSharding(mesh, P() if kv else fitted_spec(name, array.shape, mesh)))
+        return jax.device_put(array, loading_sharding(cfg, mesh, "/".join(path), array.shape))
     return place
+
+
+def loading_sharding(cfg: ModelConfig, mesh: Mesh, path: str, shape: tuple[int, ...]) -> NamedSharding:
+    """Where a checkpoint tensor goes as it is read: its `fitted_spec`, except k/v projections when the mesh exceeds
+    the KV heads (whole on every device until `shard_model` repeats their heads)."""
+    if mesh.shape[AXIS] > cfg.num_key_value_heads and re.search(r"self_attn/(k_proj|v_proj)/", path):
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, fitted_spec(path, shape, mesh))
 
 
 def fitted_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -86,16 +86,20 @@ def test_embedded_smollm2_tp3_matches_transformers():
     assert llm.llm_engine.runner.kv_caches[0][0].addressable_shards[0].data.shape[2] == 1
 
 
-@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
-def test_loading_places_each_weight_into_its_sharding(load_format):
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy", "orbax"])
+def test_loading_places_each_weight_into_its_sharding(load_format, tmp_path):
     import numpy as np
     from jax.sharding import PartitionSpec
 
-    from jaxpaged.models import load_model
+    from jaxpaged.models import load_model, save_orbax
     from jaxpaged.models.sharding import make_mesh
 
     folder = os.path.join(FIXTURES, "llama31_gqa_tied_rope_scaling")  # 2 KV heads: whole k/v on each of 4 devices
-    plain = load_model(folder, load_format=load_format, dtype="float32")
+    plain = load_model(folder, load_format="dummy" if load_format == "dummy" else "auto", dtype="float32")
+    if load_format == "orbax":
+        pytest.importorskip("orbax.checkpoint")
+        save_orbax(plain, str(tmp_path / "ckpt"))
+        folder = str(tmp_path / "ckpt")
     placed = load_model(folder, load_format=load_format, dtype="float32", mesh=make_mesh(4))
     attn, mlp = placed.params["model"]["layers_0"]["self_attn"], placed.params["model"]["layers_0"]["mlp"]
     specs = [leaf.sharding.spec for leaf in (attn["q_proj"]["kernel"], attn["k_proj"]["kernel"],
