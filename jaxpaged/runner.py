@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -156,13 +157,15 @@ class ModelRunner:
             keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         keys.append(("update",))
         workers = max(1, min(len(keys), os.cpu_count() or 1, 8))
+        start, hits = time.perf_counter(), self.executable_cache.hits
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
                 tqdm(total=len(keys), desc="Compiling step programs", unit="program") as bar:
             for future in concurrent.futures.as_completed([pool.submit(self._compile, k) for k in keys]):
                 key, executable = future.result()
                 self.executables[key] = executable
                 bar.update(1)
-        logger.info("Compiled %d step programs with %d threads.", len(keys), workers)
+        logger.info("Compiled %d step programs with %d threads in %.1f s (%d loaded from the executable cache).",
+                    len(keys), workers, time.perf_counter() - start, self.executable_cache.hits - hits)
 
     def _program(self, key: tuple) -> jax.stages.Compiled:
         program = self.executables.get(key)
