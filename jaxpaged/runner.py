@@ -53,8 +53,6 @@ class StepHandle:
         return split_steps(out) if self.sched.num_steps > 1 else [out]
 
 
-
-
 class ModelRunner:
     """Owns the page pool, the device page tables and the compiled programs; one forward per bucket shape."""
 

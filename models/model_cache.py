@@ -197,7 +197,7 @@ def _read_params(folder: str, dtype, mesh) -> tuple[dict, dict, dict] | None:
         node = params
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = place(tuple(name.split("/")), np.array(array))  # a copy: the file may be replaced later
+        node[leaf] = place((*parents, leaf), np.array(array))  # a copy: the file may be replaced later
     expected = param_shapes(cfg, dtype)
     if jax.tree.map(lambda a: (a.shape, a.dtype), params) != jax.tree.map(lambda a: (a.shape, a.dtype), expected):
         logger.info("Model cache entry %s does not match its config's parameter shapes; rebuilding it.", folder)

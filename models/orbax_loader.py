@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loaded import LoadedModel
-from jaxpaged.models.sharding import AXIS, check_divisible, loading_sharding
+from jaxpaged.models.sharding import loading_shardings
 from jaxpaged.models.weights import param_shapes
 
 MANIFEST = "jaxpaged.json"
@@ -53,9 +53,8 @@ def load_orbax(path: str, dtype: str, overrides: dict | None = None, mesh=None) 
         raise FileNotFoundError(f"{params_dir}: not found; expected the orbax params of a jaxpaged checkpoint")
     target = param_shapes(cfg, jdtype)
     if mesh is not None:  # restored straight into the shardings: each device reads its slices
-        check_divisible(cfg, mesh.shape[AXIS])
-        target = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=loading_sharding(cfg, mesh, "/".join(k.key for k in p), x.shape)), target)
+        target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                              target, loading_shardings(cfg, mesh, target))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(params_dir, target)

@@ -14,7 +14,6 @@ h // (H / N) and reads KV head h // (H / num_kv_heads)).
 import dataclasses
 import logging
 import re
-
 from collections.abc import Callable
 
 import jax
@@ -102,6 +101,13 @@ def loading_sharding(cfg: ModelConfig, mesh: Mesh, path: str, shape: tuple[int, 
     if mesh.shape[AXIS] > cfg.num_key_value_heads and re.search(r"self_attn/(k_proj|v_proj)/", path):
         return NamedSharding(mesh, P())
     return NamedSharding(mesh, fitted_spec(path, shape, mesh))
+
+
+def loading_shardings(cfg: ModelConfig, mesh: Mesh, shapes):
+    """A pytree like `shapes` (checkpoint-shaped params) of each leaf's `loading_sharding` (an orbax restore target)."""
+    check_divisible(cfg, mesh.shape[AXIS])
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: loading_sharding(cfg, mesh, "/".join(k.key for k in path), leaf.shape), shapes)
 
 
 def fitted_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -2,13 +2,22 @@
 mesh size, weights and pool sharded as declared, KV heads replicated when the mesh has more devices than KV
 heads, vLLM's errors for sizes that do not divide the heads."""
 
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from jaxpaged import LLM, SamplingParams
+from jaxpaged.models import LoadedModel, ModelConfig, load_model, save_orbax
+from jaxpaged.models.loader import shipped_config
+from jaxpaged.models.sharding import make_mesh, param_shardings, pool_sharding, replicated
+from jaxpaged.models.weights import param_shapes
+from jaxpaged.step_programs import forward_step
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 PROMPTS = [[1, 5, 9, 20, 33], [7, 8, 9], list(range(3, 40)), [100, 2, 54, 17]]
@@ -88,12 +97,6 @@ def test_embedded_smollm2_tp3_matches_transformers():
 
 @pytest.mark.parametrize("load_format", ["safetensors", "dummy", "orbax"])
 def test_loading_places_each_weight_into_its_sharding(load_format, tmp_path):
-    import numpy as np
-    from jax.sharding import PartitionSpec
-
-    from jaxpaged.models import load_model, save_orbax
-    from jaxpaged.models.sharding import make_mesh
-
     folder = os.path.join(FIXTURES, "llama31_gqa_tied_rope_scaling")  # 2 KV heads: whole k/v on each of 4 devices
     plain = load_model(folder, load_format="dummy" if load_format == "dummy" else "auto", dtype="float32")
     if load_format == "orbax":
@@ -121,16 +124,6 @@ def test_sizes_that_do_not_fit_are_rejected(eight_heads, tp, message):
 def test_llama_70b_tp8_step_holds_an_eighth_of_weights_and_pool_per_device():
     """Compile only (nothing of 70B is allocated): the forward step's per-device arguments are 1/8 of the weights
     it reads (all but the LM head) plus 1/8 of the pool (64 query / 8 KV heads: one KV head per device)."""
-    import functools
-
-    import jax.numpy as jnp
-
-    from jaxpaged.models import LoadedModel, ModelConfig
-    from jaxpaged.models.loader import shipped_config
-    from jaxpaged.models.sharding import make_mesh, param_shardings, pool_sharding, replicated
-    from jaxpaged.models.weights import param_shapes
-    from jaxpaged.step_programs import forward_step
-
     cfg = ModelConfig.from_hf(shipped_config("llama-3.1-70b"))
     mesh = make_mesh(8)
     shapes = param_shapes(cfg, jnp.bfloat16)
