@@ -18,7 +18,7 @@ import time
 
 from results import emit
 from throughput import (add_engine_args, add_workload_args, build_requests, engine_kwargs, finish_args,
-                        model_config, sampling_params)
+                        log_engine_info, model_config, sampling_params)
 from trace_busy import busy_summary, load_trace_events
 
 
@@ -56,6 +56,7 @@ def main() -> None:
     from jaxpaged.sampling_params import RequestOutputKind
 
     args = parse_args()
+    log_engine_info()
     trace_dir = args.trace_dir or "/tmp/jaxpaged_step_trace"
     requests = build_requests(args, model_config(args.model).vocab_size)
     params = sampling_params(requests)

@@ -22,6 +22,7 @@ $OUT/throughput.jsonl when $OUT is set).
 import argparse
 import array
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -206,8 +207,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return finish_args(p.parse_args(argv))
 
 
+def log_engine_info() -> None:
+    """jaxpaged's INFO lines (KV pool size, step programs compiled / loaded from the executable cache, seconds) to
+    stderr; other libraries stay at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jaxpaged").setLevel(logging.INFO)
+
+
 def main() -> None:
     args = parse_args()
+    log_engine_info()
     cfg = model_config(args.model)
     requests = build_requests(args, cfg.vocab_size)
     peaks = {} if args.roofline is False else measure_in_subprocess(only_if_gpu=args.roofline is None)
