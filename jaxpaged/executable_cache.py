@@ -16,6 +16,7 @@ program saved here must come from a fresh compile. A read-only folder leaves JAX
 
 import functools
 import hashlib
+import importlib
 import logging
 import os
 import pathlib
@@ -52,6 +53,19 @@ def _subpackage_dirs() -> list[str]:
     return [os.path.dirname(jaxpaged.kernels.__file__), os.path.dirname(jaxpaged.models.__file__)]
 
 
+def _load_kernel_runtimes() -> None:
+    """Makes the Mosaic GPU runtime findable before programs are deserialized: importing
+    `jax.experimental.mosaic.gpu` sets the variable its kernels locate the runtime library by, and a program
+    loaded before any Mosaic kernel was compiled in the process otherwise fails to link ("Symbols not found:
+    mosaic_gpu_init_tma_desc")."""
+    if jax.default_backend() != "gpu":
+        return
+    try:
+        importlib.import_module("jax.experimental.mosaic.gpu")
+    except ImportError:  # a jaxlib without Mosaic GPU: its kernels cannot be in any program either
+        pass
+
+
 class ExecutableCache:
     """`get(name, compile_fn)`: the compiled program `name` from disk, else `compile_fn()`, then saved."""
 
@@ -61,6 +75,8 @@ class ExecutableCache:
         self._salt = repr((signature, jax.__version__, jaxlib.__version__, jax.default_backend(), devices,
                            _source_digest()))
         self._writable = folder is not None and self._can_write()
+        if folder is not None:
+            _load_kernel_runtimes()
         if self._writable:
             jax.config.update("jax_enable_compilation_cache", False)
             compilation_cache.reset_cache()  # JAX decides once whether its cache is used: decide again
