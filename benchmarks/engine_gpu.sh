@@ -2,10 +2,11 @@
 # Engine benchmarks on the GPU machine, one named step after another, each under its own timeout; every result
 # is one JSON line, printed and appended to $OUT/results.jsonl the moment it is measured.
 #   bash benchmarks/engine_gpu.sh parity 1b 1b-sync 1b-k8 hf-compiled ragged ragged-k8 hf-ragged profile profile-k8 \
-#     profile-prefill 8b 1b-k8-roof serve-1b-k8
-# (-kN: --num-scheduler-steps N; 1b-kN-roof: with the roofline measured first; profile-kN: 20 warm-up steps (the
+#     profile-prefill 8b 1b-k8-roof 1b-k8-warm serve-1b-k8
+# (-kN: --num-scheduler-steps N; 1b-kN-roof: with the roofline measured first; 1b-kN-warm: 1b-kN again, with its
+# own log, for a second start on the same machine; profile-kN: 20 warm-up steps (the
 # prefills) then 10 profiled multi-steps; serve-1b-kN: benchmarks/serving.py --launch with the throughput run's
-# engine shape, reporting the seconds to /health 200)
+# engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -30,6 +31,7 @@ for s in "$@"; do
     1b) step 1b 300 $T $FIXED ;;
     1b-sync) step 1b-sync 240 $T $FIXED --no-async-scheduling --no-roofline ;;
     1b-k*-roof) k=${s#1b-k}; step "$s" 300 $T $FIXED --num-scheduler-steps "${k%-roof}" ;;
+    1b-k*-warm) k=${s#1b-k}; step "$s" 240 $T $FIXED --num-scheduler-steps "${k%-warm}" --no-roofline ;;
     1b-k*) step "$s" 240 $T $FIXED --num-scheduler-steps "${s#1b-k}" --no-roofline ;;
     ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
     profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" \
@@ -37,7 +39,7 @@ for s in "$@"; do
     serve-1b-k*) step "$s" 240 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b --load-format dummy \
       --dtype bfloat16 --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
       --num-scheduler-steps ${s#serve-1b-k} --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
-      --random-input-len 512 --random-output-len 128 --ready-timeout 200 ;;
+      --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
     ragged) step ragged 300 $T $RAGGED ;;

@@ -12,7 +12,8 @@ the time to the last one, TPOT = (E2EL - TTFT) / (output tokens - 1), output tok
 untimed request goes first (vLLM's initial test run; it also warms the server).
 
 --launch ARGS starts `python -m jaxpaged.server ARGS --host --port` (log: $OUT/server.log or
-/tmp/jaxpaged_server.log), reports the seconds until /health is 200, runs, then stops it. Prints vLLM's result
+/tmp/jaxpaged_server.log), reports the seconds until /health is 200, runs, then stops it (--timed-server: through
+benchmarks/timed_server.py, which timestamps the log and logs each start-up phase). Prints vLLM's result
 block and JSON lines (also appended to $OUT/serving.jsonl when $OUT is set).
 """
 
@@ -165,8 +166,9 @@ def launch_server(args) -> tuple[subprocess.Popen, float]:
     """Starts `python -m jaxpaged.server` with --launch's flags; returns it and the seconds until /health was 200."""
     out = os.environ.get("OUT")
     log_path = os.path.join(out, "server.log") if out else "/tmp/jaxpaged_server.log"
-    cmd = [sys.executable, "-m", "jaxpaged.server", *shlex.split(args.launch), "--host", args.host,
-           "--port", str(args.port)]
+    entry = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "timed_server.py")] if args.timed_server \
+        else ["-m", "jaxpaged.server"]
+    cmd = [sys.executable, *entry, *shlex.split(args.launch), "--host", args.host, "--port", str(args.port)]
     start = time.perf_counter()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -234,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--launch", default=None, metavar="SERVER_ARGS",
                    help="start `python -m jaxpaged.server SERVER_ARGS` first and stop it afterwards")
     p.add_argument("--ready-timeout", type=float, default=1200.0, help="seconds to wait for /health (--launch)")
+    p.add_argument("--timed-server", action="store_true",
+                   help="--launch through benchmarks/timed_server.py: timestamped log lines, start-up phases")
     return p.parse_args(argv)
 
 
