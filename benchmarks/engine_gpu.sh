@@ -4,7 +4,8 @@
 #   bash benchmarks/engine_gpu.sh parity 1b 1b-sync 1b-k8 hf-compiled ragged ragged-k8 hf-ragged profile profile-k8 \
 #     profile-prefill 8b 1b-k8-roof 1b-k8-warm serve-1b-k8
 # (-kN: --num-scheduler-steps N; 1b-kN-roof: with the roofline measured first; 1b-kN-warm: 1b-kN again, with its
-# own log, for a second start on the same machine; profile-kN: 20 warm-up steps (the
+# own log, for a second start on the same machine (serve-1b-kN-warm likewise; both servers append to
+# $OUT/server.log); profile-kN: 20 warm-up steps (the
 # prefills) then 10 profiled multi-steps; serve-1b-kN: benchmarks/serving.py --launch with the throughput run's
 # engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log)
 set -uo pipefail
@@ -36,9 +37,10 @@ for s in "$@"; do
     ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
     profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" \
       --warmup-steps 20 --profile-steps 10 ;;
-    serve-1b-k*) step "$s" 240 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b --load-format dummy \
+    serve-1b-k*) k=${s#serve-1b-k}; k=${k%-warm}
+      step "$s" 240 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b --load-format dummy \
       --dtype bfloat16 --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
-      --num-scheduler-steps ${s#serve-1b-k} --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
+      --num-scheduler-steps $k --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
       --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
