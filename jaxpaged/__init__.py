@@ -13,6 +13,9 @@ _EXPORTS = {
     "RequestOutput": "jaxpaged.outputs",
     "CompletionOutput": "jaxpaged.outputs",
     "Logprob": "jaxpaged.outputs",
+    "BeamSearchParams": "jaxpaged.beam_search",
+    "BeamSearchOutput": "jaxpaged.beam_search",
+    "BeamSearchSequence": "jaxpaged.beam_search",
 }
 
 __all__ = list(_EXPORTS)

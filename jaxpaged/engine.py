@@ -9,6 +9,8 @@ import weakref
 import jax
 import numpy as np
 
+from jaxpaged.beam_processor import BeamProcessor, beam_children
+from jaxpaged.beam_search import BeamSearchParams, BeamState
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
 from jaxpaged.executable_cache import ExecutableCache
@@ -21,7 +23,7 @@ from jaxpaged.outputs import RequestOutput
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.runner import ModelRunner, StepHandle
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.scheduler import Scheduler
 from jaxpaged.tokenizer import load_tokenizer
 
@@ -54,8 +56,8 @@ class LLMEngine:
     With `async_scheduling` (the default, vLLM's name) one step is in flight: `step()` schedules and launches
     step N+1 before it processes step N's sampled ids, which the device already feeds into step N+1, so host
     work overlaps device work. A request that stops at step N has one extra token computed in N+1, dropped.
-    Steps with repetition/presence/frequency penalties run synchronously (the penalties read the tokens on the
-    host). Greedy outputs are the same either way.
+    Steps with repetition/presence/frequency penalties or beam searches run synchronously (the penalties read the
+    tokens on the host; the host chooses each beam's next token). Greedy outputs are the same either way.
     """
 
     def __init__(self, args: EngineArgs):
@@ -103,7 +105,8 @@ class LLMEngine:
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
         self._in_flight: StepHandle | None = None
         atexit.register(_collect_in_flight, weakref.ref(self))
-        self._penalty_groups: set[str] = set()  # live requests with penalties: their steps run synchronously
+        self.beams = BeamProcessor(self.scheduler, self.runner, self.output_processor, self.max_model_len)
+        self._sync_groups: set[str] = set()  # live requests with penalties or beams: their steps run synchronously
         self.counters = EngineCounters()
         self._rng = random.Random(args.seed)
 
@@ -177,29 +180,60 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         """Queues a request; raises ValueError (nothing queued) if it is invalid."""
         params = (params or SamplingParams()).clone()
-        if request_id in self.groups:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        text, token_ids = self.tokenize_prompt(prompt)
-        self.validate_prompt(token_ids)
+        text, token_ids = self._checked_prompt(request_id, prompt, params.n, "n")
         children = []
         for i in range(params.n):
             seed = (params.seed + i) if params.seed is not None else self._rng.getrandbits(32)
             child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params,
-                            eos_token_ids=self.eos_token_ids)
+                            eos_token_ids=self.eos_token_ids, host_sync=params.has_penalties)
             child.seed = seed & 0xFFFFFFFF
             children.append(child)
         self.output_processor.add(request_id, text, token_ids, params, children)
         if params.has_penalties:
-            self._penalty_groups.add(request_id)
-        for child in children:
-            self.scheduler.add_request(child)
+            self._sync_groups.add(request_id)
+        children[0].forks = children[1:]  # the prompt is computed once; the others fork from the first
+        self.scheduler.add_request(children[0])
         self.counters.prompt_tokens += len(token_ids)
+
+    def add_beam_request(self, request_id: str, prompt: PromptType, params: BeamSearchParams) -> None:
+        """Queues a beam search of one prompt (`LLM.beam_search`); its one RequestOutput comes when it ends, with
+        the best `beam_width` beams first. Raises ValueError (nothing queued) if it is invalid or cannot fit."""
+        width = params.beam_width
+        text, token_ids = self._checked_prompt(request_id, prompt, width, "beam_width")
+        size = self.page_manager.page_size
+        need = width * -(-min(len(token_ids) + params.max_tokens, self.max_model_len) // size)
+        if need > self.page_manager.num_pages - 1:
+            raise ValueError(f"beam_width={width} beams of up to {len(token_ids) + params.max_tokens} tokens may "
+                             f"need {need} KV pages; the pool holds {self.page_manager.num_pages - 1}. Lower "
+                             "beam_width or max_tokens, or give the pool more memory.")
+        sampling = SamplingParams(n=width, temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True,
+                                  logprobs=2 * width, output_kind=RequestOutputKind.FINAL_ONLY)
+        children = beam_children(request_id, token_ids, sampling, self.eos_token_ids)
+        group = self.output_processor.add(request_id, text, token_ids, sampling, children)
+        group.beam = BeamState(params, len(token_ids), self.eos_token_ids)
+        self.beams.add(group)
+        self._sync_groups.add(request_id)
+        self.scheduler.add_request(children[0])
+        self.counters.prompt_tokens += len(token_ids)
+
+    def _checked_prompt(self, request_id: str, prompt: PromptType, num_seqs: int, name: str):
+        """(text, token ids) of a new request's prompt; ValueError for a used id, a bad prompt or more sequences
+        than max_num_seqs."""
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if num_seqs > self.scheduler.max_num_seqs:
+            raise ValueError(f"{name}={num_seqs} runs {num_seqs} sequences at once, more than "
+                             f"max_num_seqs={self.scheduler.max_num_seqs}; lower {name} or raise max_num_seqs.")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        return text, token_ids
 
     def abort_request(self, request_ids) -> None:
         """Stops requests wherever they are and frees their pages; unknown ids are ignored."""
         for request_id in request_ids:
             group = self.groups.pop(request_id, None)
-            self._penalty_groups.discard(request_id)
+            self._sync_groups.discard(request_id)
+            self.beams.discard(request_id)
             for child in group.children if group else []:
                 if not child.finished:
                     self._finish(child, RequestStatus.FINISHED_ABORTED)
@@ -213,7 +247,7 @@ class LLMEngine:
         """Schedules and launches one step, then processes the previous one (async) or this one (sync); returns
         the outputs of the requests that progressed."""
         outputs = []
-        if self._in_flight is not None and self._penalty_groups:
+        if self._in_flight is not None and self._sync_groups:
             outputs = self._process(self._in_flight)  # penalties need every token on the host first
             self._in_flight = None
         sched = self.scheduler.schedule()
@@ -223,16 +257,20 @@ class LLMEngine:
         if self._in_flight is not None:
             outputs += self._process(self._in_flight)
         self._in_flight = launched
-        if launched is not None and not (self.args.async_scheduling and not self._penalty_groups):
+        if launched is not None and not (self.args.async_scheduling and not self._sync_groups):
             outputs += self._process(launched)
             self._in_flight = None
         return outputs
 
     def _process(self, handle: StepHandle) -> list[RequestOutput]:
-        outputs = self.output_processor.process(handle.sched, handle.result(), self._on_tokens, self._finish)
+        outs = handle.result()
+        outputs = self.output_processor.process(handle.sched, outs, self._on_tokens, self._finish,
+                                                (handle.prompt_chunks, handle.prompt_result()))
+        if self.beams.groups:
+            outputs += self.beams.process(handle.sched, outs[0], self._finish)
         for out in outputs:
             if out.finished:
-                self._penalty_groups.discard(out.request_id)
+                self._sync_groups.discard(out.request_id)
                 self.counters.num_requests_finished += 1
         return outputs
 
@@ -247,13 +285,15 @@ class LLMEngine:
     # ---- metrics --------------------------------------------------------------------------------------------
 
     def get_metrics(self) -> list[Gauge | Counter]:
-        """vLLM-named gauges and counters of the engine's state, and jaxpaged's padding counters (tokens and
-        sequence rows the steps ran, and what their bucket shapes added)."""
+        """vLLM-named gauges and counters of the engine's state; jaxpaged's pages saved by sharing (page
+        references beyond the first: prefix hits and forks) and padding counters (tokens and sequence rows the
+        steps ran, and what their bucket shapes added)."""
         stats, padding = self.page_manager.stats, self.runner.padding
         return [
             Gauge("vllm:num_requests_running", len(self.scheduler.running)),
             Gauge("vllm:num_requests_waiting", len(self.scheduler.waiting)),
             Gauge("vllm:kv_cache_usage_perc", self.page_manager.usage),
+            Gauge("jaxpaged:kv_pages_shared", self.page_manager.num_shared_refs),
             Counter("vllm:num_preemptions", self.scheduler.num_preemptions),
             Counter("vllm:prefix_cache_queries", stats.queries),
             Counter("vllm:prefix_cache_hits", stats.hits),

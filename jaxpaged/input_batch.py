@@ -18,14 +18,18 @@ class StepLayout:
     """A scheduled step as flat host arrays, padded to its (T, S) bucket.
 
     `token_ids` holds -(slot + 1) where the token is still pending on the device: the step reads it from the
-    previous step's sampled ids (`slot_tokens[slot]`).
+    previous step's sampled ids (`slot_tokens[slot]`). Rows past the `num_seqs` sequences are padding for the
+    forward pass; the first of them sample for the children forked in this step (`SchedulerOutput.forks`), from
+    their parents' last hidden states.
     """
 
     token_ids: np.ndarray     # [T] int32
     cu_q_lens: np.ndarray     # [S + 1] int32
     kv_lens: np.ndarray       # [S] int32
-    slots: np.ndarray         # [S] int32  slot of each sequence (padding: the pad slot)
+    slots: np.ndarray         # [S] int32  slot of each sequence (padding and fork rows: the pad slot)
     num_seqs: int
+    last_rows: np.ndarray     # [S] int32  token whose hidden state each row samples from
+    row_slots: np.ndarray     # [S] int32  slot whose sampling parameters each row uses (fork rows: the child's)
     sample_slots: np.ndarray  # [S] int32  slot to store the sampled id in (pad slot: row does not sample)
     positions: np.ndarray     # [S] int32  index of the sampled token among the request's outputs
 
@@ -73,12 +77,28 @@ class InputBatch:
         self.tokens[slots, self.num_known[slots]] = np.asarray(token_ids, np.int32)[keep]
         self.num_known[slots] += 1
 
+    def rewrite(self, req: Request) -> None:
+        """Copies a request's outputs into its row again and queues its whole page table to be sent (its outputs
+        and pages were replaced: a beam moved onto another's continuation)."""
+        slot = self.slot_of[req.request_id]
+        n = req.num_known_tokens
+        self.tokens[slot, req.num_prompt_tokens:n] = req.output_token_ids
+        self.num_known[slot] = n
+        self.pages_sent[slot] = 0
+
     def page_updates(self, sched: SchedulerOutput, pages_of) -> tuple[list[int], list[int], list[int]]:
-        """(slots, columns, page ids) of page-table entries the device does not have yet."""
+        """(slots, columns, page ids) of page-table entries the device does not have yet: pages new to a scheduled
+        or forked request, and entries it already had that a copy-on-write replaced."""
         rows, cols, vals = [], [], []
-        for s in sched.scheduled:
-            slot = self.slot_of[s.request.request_id]
-            pages = pages_of(s.request.request_id)
+        for c in sched.copies:
+            slot = self.slot_of.get(c.request_id)
+            if slot is not None and c.index < self.pages_sent[slot]:
+                rows.append(slot)
+                cols.append(c.index)
+                vals.append(c.dst)
+        for req in [s.request for s in sched.scheduled] + [f.child for f in sched.forks]:
+            slot = self.slot_of[req.request_id]
+            pages = pages_of(req.request_id)
             sent = self.pages_sent[slot]
             if len(pages) > sent:
                 rows += [slot] * (len(pages) - sent)
@@ -106,9 +126,17 @@ class InputBatch:
         row = slot[seq]
         token_ids = np.zeros(num_tokens, np.int32)
         token_ids[:total] = np.where(pos < self.num_known[row], self.tokens[row, pos], -(row + 1))
+        last_rows = np.maximum(cu[1:] - 1, 0)
         sample_slots = np.full(num_seqs, self.pad_slot, np.int32)
         sample_slots[:n] = np.where(samples > 0, slot, self.pad_slot)
         positions = np.zeros(num_seqs, np.int32)
         positions[:n] = kv_lens[:n] - self.num_prompt[slot]
-        return StepLayout(token_ids, cu, kv_lens, slots, n, sample_slots, positions)
+        row_slots = slots
+        if sched.forks:  # each child samples its first output from its parent's last token
+            k = len(sched.forks)
+            row_slots = slots.copy()
+            row_slots[n:n + k] = sample_slots[n:n + k] = [self.slot_of[f.child.request_id] for f in sched.forks]
+            last_rows[n:n + k] = [last_rows[f.row] for f in sched.forks]
+        return StepLayout(token_ids, cu, kv_lens, slots, n, last_rows, row_slots, sample_slots, positions)
+
 

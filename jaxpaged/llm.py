@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from jaxpaged.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from jaxpaged.config import EngineArgs
 from jaxpaged.engine import LLMEngine, PromptType
 from jaxpaged.outputs import RequestOutput
@@ -33,9 +34,7 @@ class LLM:
         Every prompt is validated before any is queued: a bad one raises ValueError naming its index and leaves
         the engine untouched.
         """
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
         else:
@@ -44,14 +43,7 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts; "
                                  "give one SamplingParams or one per prompt.")
         engine = self.llm_engine
-        tokenized = []
-        for i, prompt in enumerate(prompts):
-            try:
-                text, token_ids = engine.tokenize_prompt(prompt)
-                engine.validate_prompt(token_ids)
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
-            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})  # tokenized once
+        tokenized = self._tokenize_all(prompts)
         ids = []
         for prompt, p in zip(tokenized, params):
             ids.append(str(self._counter))
@@ -60,6 +52,26 @@ class LLM:
             p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM: one output per request, built once
             engine.add_request(ids[-1], prompt, p)
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search of each prompt (vLLM's `LLM.beam_search`, algorithm in `jaxpaged.beam_search`); the
+        prompts run together, continuously batched with any other work. Returns one BeamSearchOutput per prompt,
+        its sequences best first (`tokens` holds prompt and output, as in vLLM)."""
+        prompts = self._prompt_list(prompts)
+        engine = self.llm_engine
+        tokenized = self._tokenize_all(prompts)
+        ids = []
+        for prompt in tokenized:
+            ids.append(str(self._counter))
+            self._counter += 1
+            engine.add_beam_request(ids[-1], prompt, params)
+        results = []
+        for out in self._run(ids, use_tqdm):
+            results.append(BeamSearchOutput([
+                BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.logprobs, c.cumulative_logprob, c.text,
+                                   c.finish_reason, c.stop_reason) for c in out.outputs]))
+        return results
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
@@ -74,6 +86,25 @@ class LLM:
                                            continue_final_message=continue_final_message)
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    @staticmethod
+    def _prompt_list(prompts) -> list:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
+    def _tokenize_all(self, prompts: list) -> list[dict]:
+        """Every prompt tokenized (once) and validated before any is queued; ValueError names the bad one."""
+        engine = self.llm_engine
+        tokenized = []
+        for i, prompt in enumerate(prompts):
+            try:
+                text, token_ids = engine.tokenize_prompt(prompt)
+                engine.validate_prompt(token_ids)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+        return tokenized
 
     def get_metrics(self):
         """vLLM-named metrics (objects with .name and .value)."""

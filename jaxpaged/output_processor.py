@@ -8,8 +8,10 @@ since the group's previous output, FINAL_ONLY builds one output when the group f
 
 import dataclasses
 
+from jaxpaged.beam_search import BeamState
 from jaxpaged.detokenizer import IncrementalDetokenizer, make_detokenizer
-from jaxpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from jaxpaged.prompt_logprobs import PromptChunk
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampler import SamplerOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -18,7 +20,7 @@ from jaxpaged.scheduler import SchedulerOutput
 
 @dataclasses.dataclass(eq=False)
 class RequestGroup:
-    """A user request: `n` child sequences sharing one prompt (children share its full pages via prefix caching)."""
+    """A user request: `n` child sequences sharing one prompt (the first computes it; the others fork from it)."""
 
     request_id: str
     prompt: str | None
@@ -28,10 +30,15 @@ class RequestGroup:
     detokenizers: list[IncrementalDetokenizer]
     sent_tokens: list[int] = dataclasses.field(default_factory=list)  # per child: tokens already in an output
     sent_chars: list[int] = dataclasses.field(default_factory=list)   # per child: text already in an output
+    prompt_logprobs: PromptLogprobs | None = None  # filled as the prompt's chunks are computed
+    sent_prompt_logprobs: bool = False
+    beam: BeamState | None = None  # a beam search: its outputs come from BeamProcessor
 
     def __post_init__(self) -> None:
         self.sent_tokens = [0] * len(self.children)
         self.sent_chars = [0] * len(self.children)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
@@ -42,7 +49,10 @@ class RequestGroup:
         delta = self.params.output_kind is RequestOutputKind.DELTA
         outputs = [self._completion(i, delta) for i in range(len(self.children))]
         cached = max(self.children[0].num_cached_tokens, 0)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, finished, cached)
+        prompt_logprobs = None if delta and self.sent_prompt_logprobs else self.prompt_logprobs  # DELTA: once
+        self.sent_prompt_logprobs = True
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, prompt_logprobs, outputs, finished,
+                             cached)
 
     def _completion(self, i: int, delta: bool) -> CompletionOutput:
         req, text = self.children[i], self.detokenizers[i].text
@@ -75,19 +85,22 @@ class OutputProcessor:
             child.group, child.index = group, i
         return group
 
-    def process(self, sched: SchedulerOutput, outs: list[SamplerOutput], on_tokens,
-                on_finish) -> list[RequestOutput]:
+    def process(self, sched: SchedulerOutput, outs: list[SamplerOutput], on_tokens, on_finish,
+                prompt: tuple[list[PromptChunk], SamplerOutput | None] = ((), None)) -> list[RequestOutput]:
         """Takes a step's sampled ids, sub-step by sub-step (`outs`: one entry, or one per sub-step of a multi-step
         decode). Appends each sampled id of a live request, calls `on_tokens(requests, ids)` once per sub-step,
         then `on_finish(req, status)` for each request that met a stop condition (its later ids are dropped);
         returns one output per group that progressed (finished groups are dropped). Rows of requests that
-        finished or were aborted while the step ran are ignored."""
+        finished or were aborted while the step ran are ignored. `prompt`: the step's prompt-logprob chunks and
+        their results."""
+        for chunk in prompt[0]:
+            self._add_prompt_logprobs(chunk, prompt[1])
         touched: dict[str, RequestGroup] = {}
         ending: set[str] = set()  # groups with a child that finished in this step
         for j, out in enumerate(outs):
             token_ids = out.token_ids.tolist()
-            rows = [(row, s.request) for row, s in enumerate(sched.scheduled)
-                    if s.samples and j < s.num_steps and not s.request.finished]
+            rows = [(row, req) for row, req in sched.sampling_rows(j)
+                    if not req.finished and req.group.beam is None]  # beams: BeamProcessor
             reqs = [req for _, req in rows]
             tokens = [token_ids[row] for row, _ in rows]
             for req, token in zip(reqs, tokens):
@@ -131,14 +144,26 @@ class OutputProcessor:
         return status
 
     def _add_logprobs(self, req: Request, token: int, out: SamplerOutput, row: int) -> None:
-        k = req.sampling_params.logprobs
-        lp = float(out.logprobs[row])
-        req.cumulative_logprob += lp
+        req.cumulative_logprob += float(out.logprobs[row])
+        req.logprobs.append(self.logprob_dict(token, out, row, req.sampling_params.logprobs))
+
+    def _add_prompt_logprobs(self, chunk: PromptChunk, out: SamplerOutput) -> None:
+        """Entries of prompt tokens start + 1 .. start + count not already there (a recomputed chunk adds none)."""
+        group = chunk.request.group
+        entries = group.prompt_logprobs if group is not None else None
+        if entries is None or group.request_id not in self.groups:
+            return
+        k = group.params.prompt_logprobs
+        for i in range(max(len(entries) - chunk.start - 1, 0), chunk.count):  # skip rows whose entries exist
+            entries.append(self.logprob_dict(int(out.token_ids[chunk.row + i]), out, chunk.row + i, k))
+
+    def logprob_dict(self, token: int, out: SamplerOutput, row: int, k: int) -> dict[int, Logprob]:
+        """{token: its logprob and rank, then the top k} from row `row` of `out` (the token keeps its own rank)."""
         ids = [token] + out.top_ids[row, :k].tolist()
-        lps = [lp] + out.top_logprobs[row, :k].tolist()
+        lps = [float(out.logprobs[row])] + out.top_logprobs[row, :k].tolist()
         ranks = [int(out.ranks[row])] + list(range(1, k + 1))
         texts = self.tokenizer.convert_ids_to_tokens(ids) if self.tokenizer else [None] * len(ids)
         result = {}
         for tid, lp, rank, text in zip(ids, lps, ranks, texts):
             result.setdefault(tid, Logprob(lp, rank, text))
-        req.logprobs.append(result)
+        return result

@@ -13,6 +13,7 @@ class Logprob:
 
 
 SampleLogprobs = list[dict[int, Logprob]]  # one dict per generated token: sampled token + top-k
+PromptLogprobs = list[dict[int, Logprob] | None]  # one per prompt token (None for the first): its token + top-k
 
 
 @dataclasses.dataclass
@@ -42,7 +43,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: None
+    prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0

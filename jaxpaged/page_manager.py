@@ -1,4 +1,5 @@
-"""Paged KV pool bookkeeping: ref-counted pages, LRU free list, automatic prefix caching (as vLLM v1)."""
+"""Paged KV pool bookkeeping: ref-counted pages, LRU free list, automatic prefix caching (as vLLM v1), forks with
+copy-on-write (as vLLM v0's block manager)."""
 
 import collections
 import dataclasses
@@ -6,6 +7,17 @@ import dataclasses
 from jaxpaged.request import Request
 
 NULL_PAGE = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageCopy:
+    """A copy-on-write: column `index` of the request's page table moves from shared page `src` to its own `dst`,
+    which the device fills with `src`'s contents before the step writes into it."""
+
+    request_id: str
+    index: int
+    src: int
+    dst: int
 
 
 @dataclasses.dataclass(slots=True)
@@ -23,6 +35,10 @@ class PageManager:
     hashes match reuses those pages (ref count + 1). Freed pages go to the tail of an LRU free list but keep their
     hash, so they can still be hit; they are evicted lazily, when the head of the free list is handed out again.
     Pages of a freed request are queued tail-first, so a prefix outlives its suffix.
+
+    `fork` lets a child share every page of its parent, the partly filled last page included. Whoever first writes
+    into a shared page (ref count > 1) gets a copy of it (`PageCopy`, collected in `copies` until the runner takes
+    them for the step); the last holder writes in place.
     """
 
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
@@ -38,6 +54,7 @@ class PageManager:
         self.req_pages: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}  # request id -> its leading pages already entered in `cached`
         self.stats = PrefixCacheStats()
+        self.copies: list[PageCopy] = []  # copy-on-writes of the steps being scheduled, taken by the runner
 
     @property
     def num_free_pages(self) -> int:
@@ -48,12 +65,46 @@ class PageManager:
         """Fraction of usable pages held by requests (vLLM's kv_cache_usage_perc, 0..1)."""
         return 1.0 - len(self.free) / (self.num_pages - 1)
 
+    @property
+    def num_shared_refs(self) -> int:
+        """Page references beyond the first of each page: pages that sharing (prefix hits, forks) saves now."""
+        return sum(self.ref_counts) - (self.num_pages - 1 - len(self.free))
+
     def pages_of(self, request_id: str) -> list[int]:
         return self.req_pages.get(request_id, [])
 
+    def fork(self, parent: Request, child: Request) -> None:
+        """Gives `child` (no pages yet) all of `parent`'s pages, shared (ref count + 1 each)."""
+        pages = self.req_pages.get(parent.request_id, [])
+        for page in pages:
+            self.ref_counts[page] += 1
+        self.req_pages[child.request_id] = list(pages)
+        self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
+        child.page_hashes = list(parent.page_hashes)
+
+    def reassign(self, pairs: list[tuple[Request, Request]]) -> None:
+        """For each (target, source): target drops its pages and shares source's instead (beam search moving a
+        beam onto another's continuation). Every source is read before any target changes."""
+        new = [(t, list(self.pages_of(s.request_id)), self._num_hashed.get(s.request_id, 0), list(s.page_hashes))
+               for t, s in pairs]
+        for _, pages, _, _ in new:
+            for page in pages:
+                self.ref_counts[page] += 1
+        for target, pages, num_hashed, hashes in new:
+            self.free_request(target.request_id)
+            self.req_pages[target.request_id] = pages
+            self._num_hashed[target.request_id] = num_hashed
+            target.page_hashes = hashes
+
+    def take_copies(self) -> list[PageCopy]:
+        """The copy-on-writes collected since the last call."""
+        copies, self.copies = self.copies, []
+        return copies
+
     def find_cached_prefix(self, req: Request) -> list[int]:
-        """Page ids of the longest cached prefix of `req`, leaving at least one token to compute."""
-        if not self.enable_prefix_caching:
+        """Page ids of the longest cached prefix of `req`, leaving at least one token to compute (none for a
+        request that asks for prompt logprobs: every prompt position must be computed)."""
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return []
         max_pages = (req.num_tokens - 1) // self.page_size
         self._ensure_hashes(req, max_pages)
@@ -74,9 +125,13 @@ class PageManager:
         """
         size = self.page_size
         pages = self.req_pages.get(req.request_id)
-        if pages is not None and not cached_pages:  # the common decode step inside its last page: nothing to do
+        shared = []
+        if pages is not None and not cached_pages:
             total = req.num_computed_tokens + num_new_tokens
-            if total <= len(pages) * size and (
+            shared = [i for i in range(req.num_computed_tokens // size, min(len(pages), -(-total // size)))
+                      if self.ref_counts[pages[i]] > 1]
+            # the common decode step inside its own last page: nothing to do
+            if not shared and total <= len(pages) * size and (
                     not self.enable_prefix_caching or total // size <= self._num_hashed.get(req.request_id, 0)):
                 return True
         pages = self.req_pages.setdefault(req.request_id, [])
@@ -84,10 +139,12 @@ class PageManager:
         total = num_computed + num_new_tokens
         num_needed = -(-total // size) - len(pages) - len(cached_pages)
         num_revived = sum(1 for p in cached_pages if self.ref_counts[p] == 0)
-        if num_needed > len(self.free) - num_revived:
+        if max(num_needed, 0) + len(shared) > len(self.free) - num_revived:
             if not pages:
                 del self.req_pages[req.request_id]
             return False
+        for i in shared:
+            self._copy_on_write(req.request_id, pages, i)
         for page in cached_pages:
             if self.ref_counts[page] == 0:
                 del self.free[page]
@@ -97,6 +154,12 @@ class PageManager:
             pages.append(self._take_free_page())
         self._cache_full_pages(req, pages, total // self.page_size)
         return True
+
+    def _copy_on_write(self, request_id: str, pages: list[int], index: int) -> None:
+        src, dst = pages[index], self._take_free_page()
+        self.ref_counts[src] -= 1
+        pages[index] = dst
+        self.copies.append(PageCopy(request_id, index, src, dst))
 
     def free_request(self, request_id: str) -> None:
         """Releases a finished or preempted request's pages (tail first into the LRU list)."""

@@ -1,4 +1,5 @@
-"""One request's state as it moves through the scheduler (one sequence; `n > 1` fans out to child requests)."""
+"""One request's state as it moves through the scheduler (one sequence; `n > 1` forks child requests from the
+first one once its prompt is computed)."""
 
 import dataclasses
 import enum
@@ -58,6 +59,8 @@ class Request:
     cumulative_logprob: float = 0.0
     logprobs: list = dataclasses.field(default_factory=list)  # per output token: (top ids, top lps, sampled lp, rank)
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # chained hashes of full pages, in order
+    forks: list["Request"] = dataclasses.field(default_factory=list)  # siblings to fork once the prompt is computed
+    host_sync: bool = False  # each token must reach the host before the next step (penalties, beam search)
 
     @property
     def num_prompt_tokens(self) -> int:

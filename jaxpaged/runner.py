@@ -5,8 +5,9 @@ sequence bucket) returns the last hidden state of each sequence, and the sampler
 `SamplerFlags`) computes logits, samples, and stores each sampled id in `slot_tokens[slot]`, where the next step
 reads the ids it has not received yet. Sampling variants thus multiply only the small sampler programs, not the
 forward buckets. A multi-step decode (the scheduler's `num_steps > 1`) is one program per sequence bucket and
-flags that runs the decode steps in a loop on the device. Results are copied to the host asynchronously;
-`StepHandle.result()` waits for them.
+flags that runs the decode steps in a loop on the device. Steps with prompt logprobs run a third program (one
+per token bucket) on every token's hidden state; steps that fork or write into shared pages first run the page
+copies. Results are copied to the host asynchronously; `StepHandle.result()` waits for them.
 """
 
 import concurrent.futures
@@ -27,16 +28,18 @@ from jaxpaged.input_batch import InputBatch, StepLayout
 from jaxpaged.metrics import PaddingStats
 from jaxpaged.models import LoadedModel
 from jaxpaged.models.sharding import pool_sharding, replicated
+from jaxpaged.prompt_logprobs import PromptChunk, prompt_chunks, prompt_targets
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
-from jaxpaged.scheduler import ScheduledRequest, SchedulerOutput
-from jaxpaged.step_programs import (BANNED_MIN, decode_steps, forward_step, sample_step, split_steps,
-                                    update_tables)
+from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.step_programs import (BANNED_MIN, copy_pages, decode_steps, forward_step, prompt_logprobs_step,
+                                    sample_step, split_steps, update_tables)
 
 logger = logging.getLogger(__name__)
 
 _UPDATE_CHUNK = 512  # page-table entries per update call: one compiled shape, looped for rare large admissions
+_COPY_CHUNK = 32  # copy-on-write page copies per call, likewise
 
 
 @dataclasses.dataclass
@@ -45,12 +48,18 @@ class StepHandle:
 
     sched: SchedulerOutput
     out: SamplerOutput  # device arrays, rows in scheduling order ([K, S, ...] for a K-step decode)
+    prompt_chunks: list[PromptChunk] = dataclasses.field(default_factory=list)
+    prompt_out: SamplerOutput | None = None  # [T, ...] logprobs of the prompt tokens that `prompt_chunks` score
 
     def result(self) -> list[SamplerOutput]:
         """Each sub-step's sampled ids and logprobs as NumPy arrays (one sub-step unless the step is a multi-step
         decode; waits for the device)."""
         out = jax.device_get(self.out)
         return split_steps(out) if self.sched.num_steps > 1 else [out]
+
+    def prompt_result(self) -> SamplerOutput | None:
+        """The prompt logprobs as NumPy arrays (None when no row asked for them)."""
+        return None if self.prompt_out is None else jax.device_get(self.prompt_out)
 
 
 class ModelRunner:
@@ -68,6 +77,7 @@ class ModelRunner:
         self.sampling = SamplingBatch(num_slots)
         self._min_tokens = np.zeros(num_slots + 1, np.int32)
         self._penalties = np.zeros(num_slots + 1, bool)
+        self._prompt_logprobs = np.zeros(num_slots + 1, bool)
         self.kv_caches = None
         # with a tensor-parallel mesh: host inputs, page tables and sampled ids on every device, the pool split
         self._replicated, self._pool_sharding = replicated(model.mesh), pool_sharding(model.mesh)
@@ -75,8 +85,10 @@ class ModelRunner:
         self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32, device=self._replicated)
         self.attn_impl = attn_impl
         self.executable_cache = executable_cache or ExecutableCache(None, "")
-        self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1,), "pr")
+        self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1,), "prr")
+        self.prompt_fn = self._jit(functools.partial(prompt_logprobs_step, model), (), "r")
         self.update_fn = self._jit(update_tables, (0,), "r")
+        self.copy_fn = self._jit(copy_pages, (0,), "p")
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
         self.padding = PaddingStats()
 
@@ -118,7 +130,7 @@ class ModelRunner:
 
     def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
         return self.forward_fn.lower(self.model.params, caches or self.kv_caches, self.page_tables, self.slot_tokens,
-                                     self._spec((num_tokens,)), self._spec((3 * num_seqs + 2,)))
+                                     self._spec((num_tokens,)), self._spec((4 * num_seqs + 2,)))
 
     def _lower_sample(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int):
         fn = self._jit(functools.partial(sample_step, self.model, flags), (1,), "rr")
@@ -134,12 +146,18 @@ class ModelRunner:
         return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, spec((num_seqs,)),
                         spec((4 * num_seqs + 2,)), spec((6, num_seqs), jnp.float32), spec((5, num_seqs)))
 
+    def _lower_prompt(self, num_tokens: int):
+        hidden = self._spec((num_tokens, self.model.config.hidden_size), self.model.dtype)
+        return self.prompt_fn.lower(self.model.params, hidden, self._spec((num_tokens,)))
+
     def _compile(self, key: tuple) -> tuple[tuple, jax.stages.Compiled]:
         """(key, the compiled program `key`), from the executable cache when it has it."""
         kind, *shape = key
         lower = {"forward": self._lower_forward, "sample": self._lower_sample, "decode": self._lower_decode,
-                 "update": lambda: self.update_fn.lower(self.page_tables, self._spec((3, _UPDATE_CHUNK)))}[kind]
-        pool = self.kv_caches[0][0].shape if kind in ("forward", "decode") else None
+                 "update": lambda: self.update_fn.lower(self.page_tables, self._spec((3, _UPDATE_CHUNK))),
+                 "copy": lambda: self.copy_fn.lower(self.kv_caches, self._spec((2, _COPY_CHUNK))),
+                 "prompt": self._lower_prompt}[kind]
+        pool = self.kv_caches[0][0].shape if kind in ("forward", "decode", "copy") else None
         return key, self.executable_cache.get((*key, pool), lambda: lower(*shape).compile())
 
     def warm_up(self, num_decode_steps: int = 1) -> None:
@@ -147,13 +165,14 @@ class ModelRunner:
         sequence bucket, the page-table update and, with `num_decode_steps > 1`, the multi-step decode of every
         sequence bucket and sampler variant, in parallel threads (XLA compiles outside the GIL).
 
-        Sampler programs for penalty windows or long banned-token lists compile on first use.
+        Sampler programs for penalty windows or long banned-token lists, and the prompt-logprob programs, compile
+        on first use.
         """
         keys = [("forward", t, s) for t, s in self.buckets.all_shapes()]
         keys += [("sample", s, f, 1, BANNED_MIN) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         if num_decode_steps > 1:
             keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
-        keys.append(("update",))
+        keys += [("update",), ("copy",)]
         workers = max(1, min(len(keys), os.cpu_count() or 1, 8))
         start, hits = time.perf_counter(), self.executable_cache.hits
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
@@ -178,6 +197,10 @@ class ModelRunner:
         """Frees a finished, aborted or preempted request's slot."""
         self.batch.remove(request_id)
 
+    def rewrite_request(self, req: Request) -> None:
+        """Mirrors a request whose outputs and pages were replaced (beam search) in the persistent batch."""
+        self.batch.rewrite(req)
+
     def append_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
         """Records arrived output tokens in the requests' rows of the persistent batch."""
         self.batch.append_tokens(reqs, token_ids)
@@ -188,6 +211,7 @@ class ModelRunner:
         self.sampling.set(slot, p, req.seed, req.num_prompt_tokens)
         self._min_tokens[slot] = p.min_tokens
         self._penalties[slot] = p.has_penalties
+        self._prompt_logprobs[slot] = p.prompt_logprobs is not None
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -196,23 +220,33 @@ class ModelRunner:
         for s in sched.scheduled:
             if s.request.request_id not in self.batch.slot_of:
                 self._add_request(s.request)
+        for f in sched.forks:
+            self._add_request(f.child)
+        self._copy_pages(sched.copies)
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
-        num_seqs = self.buckets.num_seqs(len(sched.scheduled))
         if sched.num_steps > 1:
-            return self._launch_decode(sched, num_seqs)
+            return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)))
+        num_seqs = self.buckets.num_seqs(len(sched.scheduled) + len(sched.forks))
         num_tokens = self.buckets.num_tokens(sched.num_tokens)
         self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
         lay = self.batch.layout(sched, num_tokens, num_seqs)
-        seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, np.array([lay.num_seqs], np.int32)])
+        seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, lay.last_rows,
+                                   np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
-        self.kv_caches, hidden = forward(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
-                                         lay.token_ids, seq_ints)
+        self.kv_caches, hidden, hidden_all = forward(self.model.params, self.kv_caches, self.page_tables,
+                                                     self.slot_tokens, lay.token_ids, seq_ints)
+        chunks = prompt_chunks(sched, lay.cu_q_lens) if self._prompt_logprobs[lay.slots].any() else []
+        prompt_out = None
+        if chunks:
+            prompt_out = self._program(("prompt", num_tokens))(self.model.params, hidden_all,
+                                                               prompt_targets(chunks, num_tokens))
         floats, ints = self._sampling_inputs(lay)
-        penalty, banned = self._token_lists(sched.scheduled, lay)
-        flags = self.sampling.flags(lay.slots)
+        requests = [s.request for s in sched.scheduled] + [f.child for f in sched.forks]
+        penalty, banned = self._token_lists(requests, lay)
+        flags = self.sampling.flags(lay.row_slots)
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        return _handle(sched, out)
+        return _handle(StepHandle(sched, out, chunks, prompt_out))
 
     def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
         """A multi-step decode: every scheduled row is a one-token decode that runs `ScheduledRequest.num_steps`
@@ -224,15 +258,25 @@ class ModelRunner:
         self.padding.record(sub_steps, num_seqs * sched.num_steps, sub_steps, num_seqs * sched.num_steps)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
         floats, ints = self._sampling_inputs(lay)
-        program = self._program(("decode", num_seqs, sched.num_steps, self.sampling.flags(lay.slots)))
+        program = self._program(("decode", num_seqs, sched.num_steps, self.sampling.flags(lay.row_slots)))
         self.kv_caches, self.slot_tokens, out = program(self.model.params, self.kv_caches, self.page_tables,
                                                         self.slot_tokens, lay.token_ids, seq_ints, floats, ints)
-        return _handle(sched, out)
+        return _handle(StepHandle(sched, out))
 
     def _sampling_inputs(self, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """The sampler's floats [6, S] and ints [5, S]: the rows' parameters, then the slot each id is stored in."""
-        floats, ints = self.sampling.gather(lay.slots, lay.positions)
+        floats, ints = self.sampling.gather(lay.row_slots, lay.positions)
         return floats, np.concatenate([ints, lay.sample_slots[None]])
+
+    def _copy_pages(self, copies) -> None:
+        """Launches the step's copy-on-writes (before its forward pass, in device order)."""
+        for at in range(0, len(copies), _COPY_CHUNK):
+            chunk = np.zeros((2, _COPY_CHUNK), np.int32)
+            chunk[1] = self.kv_caches[0][0].shape[0]  # out of range: dropped
+            part = copies[at:at + _COPY_CHUNK]
+            chunk[0, :len(part)] = [c.src for c in part]
+            chunk[1, :len(part)] = [c.dst for c in part]
+            self.kv_caches = self._program(("copy",))(self.kv_caches, chunk)
 
     def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
         rows, cols, vals = updates
@@ -244,31 +288,32 @@ class ModelRunner:
             chunk[0, :n], chunk[1, :n], chunk[2, :n] = rows[at:at + n], cols[at:at + n], vals[at:at + n]
             self.page_tables = update(self.page_tables, chunk)
 
-    def _token_lists(self, rows: list[ScheduledRequest], lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
+    def _token_lists(self, requests: list[Request], lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """Penalty windows [S, W] (prompt + outputs; W = 1 when no row has penalties) and banned ids [S, K]
-        (EOS and stop ids before min_tokens). Built per row only in the rare steps that need them.
+        (EOS and stop ids before min_tokens) of the sampler rows (`requests`, in row order). Built per row only
+        in the rare steps that need them.
 
         NOTE: penalties read the request's tokens on the host, so the engine runs such steps synchronously.
         """
-        num_seqs = lay.slots.shape[0]
-        n = lay.num_seqs
-        if self._penalties[lay.slots].any():
-            penalty = pad_rows([s.request.token_ids(0, s.request.num_known_tokens)
-                                if s.request.sampling_params.has_penalties else [] for s in rows], num_seqs, 64)
+        num_seqs, n, slots = lay.slots.shape[0], len(requests), lay.row_slots
+        if self._penalties[slots].any():
+            penalty = pad_rows([r.token_ids(0, r.num_known_tokens) if r.sampling_params.has_penalties else []
+                                for r in requests], num_seqs, 64)
         else:
             penalty = np.full((num_seqs, 1), -1, np.int32)
-        if (lay.positions[:n] < self._min_tokens[lay.slots[:n]]).any():
-            banned = pad_rows([_banned(s.request, int(lay.positions[i])) for i, s in enumerate(rows)], num_seqs,
+        if (lay.positions[:n] < self._min_tokens[slots[:n]]).any():
+            banned = pad_rows([_banned(r, int(lay.positions[i])) for i, r in enumerate(requests)], num_seqs,
                               BANNED_MIN)
         else:
             banned = np.full((num_seqs, BANNED_MIN), -1, np.int32)
         return penalty, banned
 
 
-def _handle(sched: SchedulerOutput, out: SamplerOutput) -> StepHandle:
-    for leaf in jax.tree.leaves(out):
+def _handle(handle: StepHandle) -> StepHandle:
+    """Starts the copies of the step's results to the host."""
+    for leaf in jax.tree.leaves((handle.out, handle.prompt_out)):
         leaf.copy_to_host_async()
-    return StepHandle(sched, out)
+    return handle
 
 
 def _banned(req: Request, position: int) -> list[int]:

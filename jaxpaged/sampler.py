@@ -82,10 +82,16 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> Sample
         empty = jnp.zeros((num_rows, 0), jnp.int32)
         return SamplerOutput(token_ids, jnp.zeros(num_rows, jnp.float32), jnp.zeros(num_rows, jnp.int32), empty,
                              empty.astype(jnp.float32))
-    raw_logprobs = jax.nn.log_softmax(raw, axis=-1)
-    lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
-    ranks = jnp.sum(raw_logprobs > lp[:, None], axis=-1).astype(jnp.int32) + 1
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, logits.shape[1]))
+    return token_logprobs(raw, token_ids)
+
+
+def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
+    """Log-probabilities of `token_ids` [N] under `logits` [N, V] (float32), their ranks and the top
+    MAX_LOGPROBS tokens of each row."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    lp = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
+    ranks = jnp.sum(logprobs > lp[:, None], axis=-1).astype(jnp.int32) + 1
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[1]))
     return SamplerOutput(token_ids, lp, ranks, top_ids.astype(jnp.int32), top_logprobs)
 
 

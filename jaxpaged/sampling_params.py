@@ -22,7 +22,8 @@ class SamplingParams:
     `top_k=0` or `-1` disables top-k (vLLM accepts both). Stop strings are removed from the returned text unless
     `include_stop_str_in_output`; EOS and `stop_token_ids` stay in `token_ids` (as in vLLM). `logprobs=k` returns the
     sampled token's log-probability plus the top k, taken from the raw model distribution (vLLM's default
-    `raw_logprobs`). Invalid values raise `ValueError` naming the argument, its value and the allowed range.
+    `raw_logprobs`); `prompt_logprobs=k` does the same for every prompt token after the first (such a request skips
+    the prefix cache, as in vLLM). Invalid values raise `ValueError` naming the argument, its value and the allowed range.
     """
 
     n: int = 1
@@ -71,7 +72,8 @@ class SamplingParams:
             ("max_tokens", self.max_tokens, self.max_tokens is None or self.max_tokens >= 1, ">= 1 or None"),
             ("min_tokens", self.min_tokens, self.min_tokens >= 0, ">= 0"),
             ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= 20, "None or [0, 20]"),
-            ("prompt_logprobs", self.prompt_logprobs, self.prompt_logprobs is None, "None (not supported yet)"),
+            ("prompt_logprobs", self.prompt_logprobs,
+             self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "None or [0, 20]"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

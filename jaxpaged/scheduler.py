@@ -4,7 +4,7 @@ import collections
 import dataclasses
 import logging
 
-from jaxpaged.page_manager import PageManager
+from jaxpaged.page_manager import PageCopy, PageManager
 from jaxpaged.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -26,16 +26,35 @@ class ScheduledRequest:
 
 
 @dataclasses.dataclass(slots=True)
+class Fork:
+    """A child forked in this step from the request in row `row`: it shares the parent's pages and samples its
+    first token from the parent's last hidden state (sampler row `len(scheduled) + its index in forks`)."""
+
+    row: int
+    child: Request
+
+
+@dataclasses.dataclass(slots=True)
 class SchedulerOutput:
-    """What one step computes, in batch order (running requests first, then newly admitted ones)."""
+    """What one step computes, in batch order (running requests first, then newly admitted ones), the children
+    forked in it and the copy-on-writes to do on the device before its forward pass."""
 
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
     num_steps: int = 1  # > 1: a multi-step decode (every row a one-token decode, up to this many sub-steps)
+    forks: list[Fork] = dataclasses.field(default_factory=list)
+    copies: list[PageCopy] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    def sampling_rows(self, step: int = 0) -> list[tuple[int, Request]]:
+        """(sampler row, request) of the rows that sample in sub-step `step`: scheduled rows, then forks."""
+        rows = [(row, s.request) for row, s in enumerate(self.scheduled) if s.samples and step < s.num_steps]
+        if step == 0:
+            rows += [(len(self.scheduled) + i, f.child) for i, f in enumerate(self.forks)]
+        return rows
 
 
 class Scheduler:
@@ -46,8 +65,12 @@ class Scheduler:
 
     With `num_scheduler_steps` > 1, a step in which every running request decodes and no waiting request could
     be admitted is a multi-step decode: each request gets pages for, and is planned to sample, up to that many
-    tokens (fewer near max_tokens or max_model_len). Requests with penalties or min_tokens ahead need each token
-    on the host before the next, so their presence keeps steps single.
+    tokens (fewer near max_tokens or max_model_len). Requests with penalties, beams or min_tokens ahead need each
+    token on the host before the next, so their presence keeps steps single.
+
+    A request with `forks` (the other children of an `n > 1` request) computes the prompt alone; the step that
+    samples its first token forks them (`Fork`): they share its pages and join the running list after that step.
+    Its admission reserves their sequence slots under `max_num_seqs`.
     """
 
     def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
@@ -60,6 +83,8 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_reserved = 0  # pending forks of running requests: sequence slots they will take
+        self._forks: list[Fork] = []  # forks of the step being scheduled
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -91,6 +116,9 @@ class Scheduler:
                     i += 1
                     continue
             num_new = min(num_tokens - req.num_computed_tokens, budget)
+            if num_new == 0:  # a beam waiting for the host to choose its next token
+                i += 1
+                continue
             steps = 1
             if multi > 1:  # a one-token decode: up to `multi` tokens within max_model_len and max_tokens
                 steps = min(multi, max_len - num_tokens, multi if max_tokens is None else max_tokens - num_outputs)
@@ -99,13 +127,17 @@ class Scheduler:
                 if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
                     continue  # `req` itself was preempted (it was the last running request)
             scheduled.append(self._take(req, num_new, num_tokens, steps))
+            if req.forks and scheduled[-1].samples:
+                self._fork(req, len(scheduled) - 1)
             budget -= num_new
             i += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         # One program length (the configured count) whatever the rows' own counts, so no other length compiles.
         num_steps = multi if multi > 1 and any(s.num_steps > 1 for s in scheduled) else 1
-        return SchedulerOutput(scheduled, preempted, num_steps)
+        forks, self._forks = self._forks, []
+        self.running.extend(f.child for f in forks)  # only now: they must not be scheduled in their fork step
+        return SchedulerOutput(scheduled, preempted, num_steps, forks, self.pages.take_copies())
 
     def _multi_step_count(self) -> int:
         """`num_scheduler_steps` when this step can be a multi-step decode, else 1."""
@@ -113,9 +145,8 @@ class Scheduler:
                 self.waiting and len(self.running) < self.max_num_seqs):
             return 1
         for req in self.running:
-            p = req.sampling_params
-            if (req.num_computed_tokens != req.num_tokens - 1 or p.has_penalties
-                    or p.min_tokens > len(req.output_token_ids) + req.num_pending):
+            if (req.num_computed_tokens != req.num_tokens - 1 or req.host_sync
+                    or req.sampling_params.min_tokens > len(req.output_token_ids) + req.num_pending):
                 return 1
         return self.num_scheduler_steps
 
@@ -131,6 +162,20 @@ class Scheduler:
             if self.pages.allocate(req, num_new):
                 return True
 
+    def _fork(self, req: Request, row: int) -> None:
+        """Forks `req`'s pending children after the chunk that samples its first token (scheduled in `row`)."""
+        children, req.forks = req.forks, []
+        self.num_reserved -= len(children)
+        for child in children:
+            if child.finished:  # aborted before its fork
+                continue
+            self.pages.fork(req, child)
+            child.num_computed_tokens = req.num_computed_tokens
+            child.num_pending = 1
+            child.num_cached_tokens = req.num_cached_tokens
+            child.status = RequestStatus.RUNNING
+            self._forks.append(Fork(row, child))
+
     @staticmethod
     def _take(req: Request, num_new: int, num_tokens: int, steps: int = 1) -> ScheduledRequest:
         """Marks the chunk (and `steps - 1` decode sub-steps after it) computed and their tokens pending."""
@@ -141,8 +186,10 @@ class Scheduler:
         return ScheduledRequest(req, start, num_new, samples, steps)
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             req = self.waiting[0]
+            if len(self.running) + len(self._forks) + self.num_reserved + 1 + len(req.forks) > self.max_num_seqs:
+                break
             hits = self.pages.find_cached_prefix(req)
             num_computed = len(hits) * self.pages.page_size
             num_tokens = req.num_tokens
@@ -155,11 +202,15 @@ class Scheduler:
                 req.num_cached_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            self.num_reserved += len(req.forks)
             scheduled.append(self._take(req, num_new, num_tokens))
+            if req.forks and scheduled[-1].samples:
+                self._fork(req, len(scheduled) - 1)
             budget -= num_new
         return budget
 
     def _preempt(self, req: Request) -> None:
+        self.num_reserved -= len(req.forks)
         self.pages.free_request(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -170,10 +221,27 @@ class Scheduler:
             "Preempted request %s (recompute of %d tokens); the KV pool is too small for this load: raise "
             "gpu_memory_utilization / kv_cache_memory_bytes or lower max_num_seqs.", req.request_id, req.num_tokens)
 
+    def reset(self, req: Request) -> None:
+        """Takes a request out of the queues and frees its pages, back to WAITING with nothing computed (the
+        caller queues it again, or not)."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.num_reserved -= len(req.forks)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.pages.free_request(req.request_id)
+        req.status, req.num_computed_tokens, req.num_pending, req.forks = RequestStatus.WAITING, 0, 0, []
+
+    def add_first(self, req: Request) -> None:
+        """Queues a request ahead of every waiting one."""
+        self.waiting.appendleft(req)
+
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Ends a request (stop, length or abort), freeing its pages wherever it is."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+            self.num_reserved -= len(req.forks)
+            req.forks = []
         elif not req.finished and req in self.waiting:
             self.waiting.remove(req)
         req.status = status

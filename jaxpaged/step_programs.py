@@ -1,4 +1,5 @@
-"""The pure functions the runner compiles: the forward pass, the sampler, the multi-step decode, page-table updates.
+"""The pure functions the runner compiles: the forward pass, the sampler, the multi-step decode, page-table updates,
+copy-on-write page copies.
 
 Token ids of a step may be negative: -(slot + 1) stands for the token the previous step sampled into
 `slot_tokens[slot]`, which has not reached the host yet (async scheduling); the programs substitute it on the
@@ -12,10 +13,11 @@ import jax.numpy as jnp
 
 from jaxpaged.kernels.reference import PAD_SLOT, token_layout
 from jaxpaged.models import AttentionMetadata, LoadedModel
-from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample
+from jaxpaged.sampler import SamplerFlags, SamplerOutput, sample, token_logprobs
 from jaxpaged.sampling_batch import unpack_tensors
 
 BANNED_MIN = 8  # width of the banned-token array when no row bans anything
+PROMPT_CHUNK = 256  # rows of [rows, vocab] float32 logits computed at a time for prompt logprobs
 
 
 def _substitute_pending(token_ids, slot_tokens):
@@ -35,18 +37,21 @@ def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_
                  token_ids, seq_ints):
     """Forward pass of a padded ragged batch; returns the updated pool and each sequence's last hidden state.
 
-    token_ids [T] int32; seq_ints [3S + 2]: cu_q_lens [S + 1], kv_lens [S], slots [S], num_seqs [1]. The pool
-    (argument 1) is donated.
+    token_ids [T] int32; seq_ints [4S + 2]: cu_q_lens [S + 1], kv_lens [S], slots [S], last_rows [S] (the token
+    whose hidden state each sampler row reads: a sequence's last token, or for a forked child its parent's),
+    num_seqs [1]. Returns the pool (argument 1, donated), the sampler rows' hidden states [S, hidden] and every
+    token's [T, hidden] (read only by `prompt_logprobs_step`).
     """
-    num_tokens, num_seqs = token_ids.shape[0], (seq_ints.shape[0] - 2) // 3
+    num_tokens, num_seqs = token_ids.shape[0], (seq_ints.shape[0] - 2) // 4
     cu_q_lens, kv_lens = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
-    slots, n = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:]
+    slots, last_rows = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:4 * num_seqs + 1]
+    n = seq_ints[4 * num_seqs + 1:]
     token_ids = _substitute_pending(token_ids, slot_tokens)
     seq_ids, positions, live = token_layout(kv_lens, cu_q_lens, n, num_tokens)
     positions = jnp.where(live, positions, 0)
     md = _metadata(page_tables[slots], seq_ids, positions, live, kv_lens, cu_q_lens, n, page_size)
     hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)
-    return kv_caches, hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]  # [S, hidden]
+    return kv_caches, hidden[last_rows], hidden  # [S, hidden], [T, hidden]
 
 
 def sample_step(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hidden, floats, ints, penalty_tokens,
@@ -95,6 +100,29 @@ def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: Samp
     (_, kv_caches), outs = jax.lax.scan(step, (tokens, kv_caches), jnp.arange(num_steps, dtype=jnp.int32))
     last = outs.token_ids[jnp.maximum(steps - 1, 0), rows]  # [S]
     return kv_caches, slot_tokens.at[ints[4]].set(last), outs
+
+
+def prompt_logprobs_step(model: LoadedModel, params, hidden, targets) -> SamplerOutput:
+    """Logprob and rank of `targets` [T] (the next prompt token of each position) under each token's hidden state
+    [T, hidden], and the top tokens, PROMPT_CHUNK rows of logits at a time; `token_ids` holds the targets."""
+    num_tokens = hidden.shape[0]
+    chunk = min(num_tokens, PROMPT_CHUNK)
+    pad = -num_tokens % chunk  # a token bucket that is not a multiple of the chunk (max_num_batched_tokens)
+    hidden, targets = jnp.pad(hidden, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
+
+    def rows(args):
+        h, t = args
+        return token_logprobs(model.compute_logits(params, h), t)
+
+    out = jax.lax.map(rows, (hidden.reshape(-1, chunk, hidden.shape[1]), targets.reshape(-1, chunk)))
+    return jax.tree.map(lambda x: x.reshape(num_tokens + pad, *x.shape[2:])[:num_tokens], out)
+
+
+def copy_pages(kv_caches, copies):
+    """Copy-on-write of pool pages: page dst = page src in every layer's K and V, for each column of copies [2, C]
+    (src, dst; padding has dst out of range and is dropped). The pool (argument 0) is donated."""
+    src, dst = copies
+    return [(k.at[dst].set(k[src], mode="drop"), v.at[dst].set(v[src], mode="drop")) for k, v in kv_caches]
 
 
 def update_tables(page_tables, updates):

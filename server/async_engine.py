@@ -7,6 +7,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from jaxpaged.beam_search import BeamSearchParams
 from jaxpaged.config import EngineArgs
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import SamplingParams
@@ -98,10 +99,10 @@ class AsyncLLMEngine:
 
     # ---- requests (event loop side) -------------------------------------------------------------------------
 
-    async def generate(self, prompt: str | list[int] | dict, params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int] | dict, params: SamplingParams | BeamSearchParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
         """Yields the request's RequestOutputs (cumulative, deltas or only the final one, as `params.output_kind`
-        asks) until it finishes.
+        asks; a beam search yields one, at the end) until it finishes.
 
         Raises ValueError if the engine rejects the request, EngineStepError if the engine fails while it runs.
         Leaving the iteration early (a client disconnect cancels the task; `aclose()`) aborts the request.
@@ -179,13 +180,16 @@ class AsyncLLMEngine:
                 self._add(request_id, *payload)
         return True
 
-    def _add(self, request_id: str, prompt, params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt, params: SamplingParams | BeamSearchParams) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is None:  # aborted before the engine saw it
             return
         try:
-            self.engine.add_request(request_id, prompt, params)
+            if isinstance(params, BeamSearchParams):
+                self.engine.add_beam_request(request_id, prompt, params)
+            else:
+                self.engine.add_request(request_id, prompt, params)
             stream.added = True
         except Exception as e:  # ValueError for a bad request; anything else is that request's failure too
             if not isinstance(e, ValueError):

@@ -29,6 +29,8 @@ _DOCS = {
     "vllm:num_requests_running": "Number of requests in model execution batches.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+    "jaxpaged:kv_pages_shared": "KV pages that sharing saves now (references beyond one per page: prefix hits, "
+                                "forks of n > 1 requests).",
     "vllm:num_preemptions": "Cumulative number of preemptions from the engine.",
     "vllm:prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
     "vllm:prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",

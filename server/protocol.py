@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from jaxpaged.beam_search import BeamSearchParams
 from jaxpaged.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; the engine's sampler returns at most this many
@@ -71,6 +72,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = False  # vLLM: beam search with `n` beams (other sampling fields are ignored)
+    length_penalty: float = 1.0
 
     @field_validator("stream_options")
     @classmethod
@@ -89,7 +92,18 @@ class _SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output)
+            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.prompt_logprobs(logprobs))
+
+    def prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """Prompt logprobs to ask the engine for (none for chat)."""
+        return None
+
+    def to_beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """vLLM's mapping of `use_beam_search`: `n` is the beam width."""
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                temperature=self.temperature or 0.0, length_penalty=self.length_penalty,
+                                include_stop_str_in_output=self.include_stop_str_in_output)
 
     @property
     def include_usage(self) -> bool:
@@ -97,7 +111,8 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. `max_tokens` defaults to 16 (OpenAI, vLLM)."""
+    """POST /v1/completions. `max_tokens` defaults to 16 (OpenAI, vLLM). `echo` with `logprobs` returns the
+    prompt tokens' logprobs first (the first token's are null), as vLLM."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
@@ -105,12 +120,9 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     suffix: str | None = None
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo):
-        if value and info.data.get("logprobs") is not None:
-            raise ValueError("echo with logprobs needs prompt logprobs, which are not supported")
-        return value
+    def prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """Echo with logprobs returns the prompt's too."""
+        return logprobs if self.echo else None
 
     @field_validator("suffix")
     @classmethod

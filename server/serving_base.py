@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
+from jaxpaged.beam_search import BeamSearchParams
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.server.async_engine import AsyncLLMEngine
@@ -119,12 +120,15 @@ class OpenAIServing:
                 "completion). Please reduce the length of the messages or completion.", "max_tokens")
         return tokens
 
-    def sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams | BeamSearchParams:
         """The request's SamplingParams, asking the engine for DELTA outputs (what is new since the previous
-        one): a step then costs O(new tokens) per request, and latency metrics see every token as it arrives."""
+        one): a step then costs O(new tokens) per request, and latency metrics see every token as it arrives.
+        With `use_beam_search`, BeamSearchParams (one output, at the end)."""
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         try:
+            if req.use_beam_search:
+                return req.to_beam_search_params(max_tokens)
             params = req.to_sampling_params(max_tokens, logprobs, self.engine.vocab_size)
         except ValueError as e:
             raise APIError(str(e)) from None
@@ -154,8 +158,11 @@ class DeltaAccumulator:
     def __init__(self):
         self._parts: dict[int, tuple[list[str], list[int], list | None]] = {}  # index -> texts, ids, logprobs
         self._last: RequestOutput | None = None
+        self.prompt_logprobs = None  # DELTA outputs carry them once, in the first
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         for c in out.outputs:
             texts, ids, lps = self._parts.setdefault(c.index, ([], [], None if c.logprobs is None else []))
             texts.append(c.text)
@@ -170,4 +177,4 @@ class DeltaAccumulator:
         for c in self._last.outputs:
             texts, ids, lps = self._parts[c.index]
             outputs.append(dataclasses.replace(c, text="".join(texts), token_ids=ids, logprobs=lps))
-        return dataclasses.replace(self._last, outputs=outputs)
+        return dataclasses.replace(self._last, outputs=outputs, prompt_logprobs=self.prompt_logprobs)

@@ -46,7 +46,8 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = []
         for i, ((text, ids), out) in enumerate(zip(prompts, finals)):
             for c in out.outputs:
-                choices.append(self._choice(req, i * req.n + c.index, c, self._echo(req, text, ids), 0))
+                choices.append(self._choice(req, i * req.n + c.index, c, self._echo(req, text, ids), 0,
+                                            ids, out.prompt_logprobs))
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=self._usage(finals))
 
     @staticmethod
@@ -61,30 +62,33 @@ class OpenAIServingCompletion(OpenAIServing):
             return ""
         return text if text is not None else self.engine.tokenizer.decode(ids)
 
-    def _choice(self, req, index: int, c: CompletionOutput, prefix: str, offset: int) -> CompletionResponseChoice:
-        """Choice `c` (a whole completion, or a delta starting at character `offset`), `prefix` (the echo) in
-        front."""
+    def _choice(self, req, index: int, c: CompletionOutput, prefix: str, offset: int, prompt_ids: list[int] = (),
+                prompt_logprobs=None) -> CompletionResponseChoice:
+        """Choice `c` (a whole completion, or a delta whose text starts at character `offset` of the choice),
+        `prefix` (the echo) in front; with echo and logprobs the prompt tokens' logprobs come first."""
         logprobs = None
-        if req.logprobs is not None and c.logprobs:  # never with echo (rejected), so offsets start at `offset`
-            logprobs = self._logprobs(c, offset)
+        if req.logprobs is not None and (c.logprobs or prefix):
+            logprobs = CompletionLogProbs()
+            if prefix and prompt_logprobs:
+                self._add_logprobs(logprobs, prompt_ids, prompt_logprobs, offset)
+            self._add_logprobs(logprobs, c.token_ids, c.logprobs or [], offset + len(prefix))
         return CompletionResponseChoice(index=index, text=prefix + c.text, logprobs=logprobs,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
-    def _logprobs(self, c: CompletionOutput, offset: int) -> CompletionLogProbs:
-        """Legacy completions logprobs of c's tokens: text pieces, their logprobs, top alternatives."""
-        lp = CompletionLogProbs()
-        for token_id, top in zip(c.token_ids, c.logprobs):
+    def _add_logprobs(self, lp: CompletionLogProbs, token_ids: list[int], entries: list, offset: int) -> None:
+        """Legacy completions logprobs of tokens: text pieces, their logprobs, top alternatives (null for the
+        first prompt token, which has none)."""
+        for token_id, top in zip(token_ids, entries):
             piece = self.piece(token_id)
             lp.tokens.append(piece)
-            lp.token_logprobs.append(top[token_id].logprob)
-            lp.top_logprobs.append({self.piece(t): x.logprob for t, x in top.items()})
+            lp.token_logprobs.append(None if top is None else top[token_id].logprob)
+            lp.top_logprobs.append(None if top is None else {self.piece(t): x.logprob for t, x in top.items()})
             lp.text_offset.append(offset)
             offset += len(piece)
-        return lp
 
     async def _stream(self, req, request_id: str, prompts, outputs) -> AsyncIterator[str]:
         """SSE chunks: one per choice that progressed (text delta, new tokens' logprobs), then usage, then [DONE]."""
-        sent: dict[int, int] = {}  # choice index -> characters already sent
+        sent: dict[int, int] = {}  # choice index -> characters already sent (the echo included)
         done: set[int] = set()
         finals = [DeltaAccumulator() for _ in prompts]
         async for i, out in outputs:  # DELTA outputs: each carries only what is new
@@ -95,10 +99,10 @@ class OpenAIServingCompletion(OpenAIServing):
                     continue
                 prefix = self._echo(req, *prompts[i]) if index not in sent else ""
                 chars = sent.get(index, 0)
-                sent[index] = chars + len(c.text)
+                sent[index] = chars + len(prefix) + len(c.text)
                 if c.finished():
                     done.add(index)
-                choice = self._choice(req, index, c, prefix, chars)
+                choice = self._choice(req, index, c, prefix, chars, prompts[i][1], finals[i].prompt_logprobs)
                 yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=[choice]))
         if req.include_usage:
             usage = self._usage([f.result() for f in finals])

@@ -4,7 +4,9 @@ accelerate; jaxpaged is not imported):
     python tests/make_fixtures.py
 
 - tiny random Llama-family checkpoints (HF directories, fp32 safetensors) + HF logits of a fixed token sequence;
-- greedy token ids of the embedded SmolLM2-135M-Instruct GGUF under transformers (fp32), raw and chat prompts.
+- greedy token ids of the embedded SmolLM2-135M-Instruct GGUF under transformers (fp32), raw and chat prompts;
+- its prompt logprobs (log-softmax of each position's logits at the next prompt token, and the top 5);
+- its beam search (`generate(num_beams=k, num_return_sequences=k, early_stopping=True)`), with EOS and without.
 """
 
 import importlib.util
@@ -82,7 +84,54 @@ def make_smollm2() -> None:
         json.dump({"model": name, "dtype": "float32", "cases": cases}, f, indent=1)
 
 
+PROMPT_LOGPROBS_TEXT = ("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is "
+                        "Rome, and the capital of Spain is")
+
+
+def make_smollm2_prompt_logprobs() -> None:
+    folder, name = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = tok.encode(PROMPT_LOGPROBS_TEXT)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)  # [T, V]
+    top = logprobs.topk(5, dim=-1)
+    entries = [{"token": ids[i], "logprob": float(logprobs[i - 1, ids[i]]),
+                "top_ids": top.indices[i - 1].tolist(), "top_logprobs": top.values[i - 1].tolist()}
+               for i in range(1, len(ids))]
+    with open(os.path.join(HERE, "smollm2_prompt_logprobs.json"), "w") as f:
+        json.dump({"model": name, "dtype": "float32", "prompt": PROMPT_LOGPROBS_TEXT, "prompt_token_ids": ids,
+                   "entries": entries}, f, indent=1)
+
+
+BEAM_CASES = [("The capital of France is", 4, 8, False), ("The capital of France is", 3, 12, True), ("Hi", 3, 12, True)]
+
+
+def make_smollm2_beams() -> None:
+    folder, name = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    cases = []
+    for prompt, width, max_tokens, eos in BEAM_CASES:
+        ids = tok.encode(prompt)
+        kw = dict(num_beams=width, num_return_sequences=width, do_sample=False, max_new_tokens=max_tokens,
+                  length_penalty=1.0, early_stopping=True, return_dict_in_generate=True, output_scores=True)
+        if not eos:
+            kw.update(eos_token_id=None, forced_eos_token_id=None)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), **kw)
+        seqs = [seq[len(ids):].tolist() for seq in out.sequences]
+        # sequences_scores = sum of logprobs / generated length (length_penalty 1.0)
+        cums = [float(score) * len(seq) for score, seq in zip(out.sequences_scores, seqs)]
+        cases.append({"prompt": prompt, "beam_width": width, "max_tokens": max_tokens, "eos": eos,
+                      "prompt_token_ids": ids, "hf_token_ids": seqs, "hf_cum_logprobs": cums})
+    with open(os.path.join(HERE, "smollm2_beams.json"), "w") as f:
+        json.dump({"model": name, "dtype": "float32", "length_penalty": 1.0, "cases": cases}, f, indent=1)
+
+
 if __name__ == "__main__":
     for name, config in TINY.items():
         make_tiny(name, config)
     make_smollm2()
+    make_smollm2_prompt_logprobs()
+    make_smollm2_beams()

@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 
-from jaxpaged import LLM, SamplingParams
+from jaxpaged import LLM, BeamSearchParams, SamplingParams
 
 KW = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, seed=0)
 PREFIX = "You are a helpful assistant. Answer briefly, precisely and truthfully, in plain English.\n"
@@ -64,6 +64,39 @@ def test_tiny_pool_preempts_and_resumes_with_same_tokens(baseline, small_pool):
     small, m = run(small_pool)
     assert m["vllm:num_preemptions"] > 0
     assert small == tokens
+
+
+def test_forked_families_preempted_in_a_tiny_pool_sample_as_alone(baseline, small_pool):
+    llm = baseline[0]
+    params = SamplingParams(temperature=0.8, max_tokens=60, ignore_eos=True, seed=5, n=3)
+    before = small_pool.llm_engine.scheduler.num_preemptions
+    families = small_pool.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert small_pool.llm_engine.scheduler.num_preemptions > before
+    singles = [SamplingParams(temperature=0.8, max_tokens=60, ignore_eos=True, seed=5 + i) for i in range(3)]
+    alone = llm.generate([p for p in PROMPTS[:3] for _ in range(3)], singles * 3, use_tqdm=False)
+    assert [c.token_ids for f in families for c in f.outputs] == [a.outputs[0].token_ids for a in alone]
+    small_pool.llm_engine.page_manager.check_invariants()
+    assert small_pool.llm_engine.page_manager.usage == 0.0
+
+
+def test_beam_search_preempted_in_a_tiny_pool_restarts_with_the_same_beams(baseline, small_pool):
+    llm = baseline[0]
+    params = BeamSearchParams(beam_width=3, max_tokens=60, ignore_eos=True)
+    expected = llm.beam_search(PROMPTS[1], params)[0].sequences
+    engine = small_pool.llm_engine
+    before = engine.scheduler.num_preemptions
+    for i, prompt in enumerate(PROMPTS[:1] + PROMPTS[2:]):  # admitted first: the beams, newest, go first
+        engine.add_request(f"other-{i}", prompt, PARAMS)
+    engine.add_beam_request("beams", PROMPTS[1], params)
+    beams = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            beams = out if out.request_id == "beams" else beams
+        engine.page_manager.check_invariants()
+    assert engine.scheduler.num_preemptions > before and engine.beams.num_restarts > 0
+    assert [c.token_ids for c in beams.outputs] == [s.tokens[len(beams.prompt_token_ids):] for s in expected]
+    assert [c.cumulative_logprob for c in beams.outputs] == pytest.approx([s.cum_logprob for s in expected])
+    assert engine.page_manager.usage == 0.0
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ def test_padding_counters_count_what_the_buckets_add(llm):
     prompt = list(range(1000, 1020))  # 20 tokens no other test uses: no prefix-cache hit
     llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     after = metrics(llm)
-    delta = {k.removeprefix("jaxpaged:step_"): after[k] - before[k] for k in after if k.startswith("jaxpaged:")}
+    delta = {k.removeprefix("jaxpaged:step_"): after[k] - before[k] for k in after if k.startswith("jaxpaged:step_")}
     # prefill: 20 tokens in the 32-token bucket, 1 row of 8; then 3 one-token decodes in (16 tokens, 8 rows)
     assert delta == {"tokens": 23, "padding_tokens": 12 + 3 * 15, "rows": 4, "padding_rows": 4 * 7}
 

@@ -20,15 +20,24 @@ def add(s, rid, prompt_len, max_tokens=4, base=0):
     return req
 
 
+def add_forked(s, rid, prompt_len, n, max_tokens=4, base=0):
+    """An `n > 1` request as the engine queues it: the first child, with the others to fork from it."""
+    params = SamplingParams(max_tokens=max_tokens, n=n)
+    children = [Request(f"{rid}-{i}", [base + j for j in range(prompt_len)], params) for i in range(n)]
+    children[0].forks = children[1:]
+    s.add_request(children[0])
+    return children
+
+
 def step(s):
-    """Schedules, 'computes', samples token 7 for finished chunks and ends requests at max_tokens."""
+    """Schedules, 'computes', samples token 7 for finished chunks (and forks) and ends requests at max_tokens."""
     out = s.schedule()
-    for sr in out.scheduled:
-        for _ in range(sr.num_steps if sr.samples else 0):  # the chunk's token, then one per decode sub-step
-            if not sr.request.finished:
-                sr.request.append_output(7)
-                if len(sr.request.output_token_ids) >= sr.request.sampling_params.max_tokens:
-                    s.finish(sr.request, RequestStatus.FINISHED_LENGTH)
+    for j in range(out.num_steps):  # the chunk's token, then one per decode sub-step
+        for _, req in out.sampling_rows(j):
+            if not req.finished:
+                req.append_output(7)
+                if len(req.output_token_ids) >= req.sampling_params.max_tokens:
+                    s.finish(req, RequestStatus.FINISHED_LENGTH)
     return out
 
 
@@ -127,8 +136,53 @@ def test_single_steps_while_a_row_needs_each_token_on_the_host_or_a_request_coul
     assert out.num_steps == 1 and out.scheduled[-1].request.request_id == "waiting"
 
 
+def test_forked_request_computes_the_prompt_once_and_children_join_after_the_fork_step():
+    s = make(num_pages=16, page_size=4, max_seqs=4, budget=8)
+    a, b, c = add_forked(s, "a", 10, n=3)
+    assert plan(step(s)) == [("a-0", 0, 8)]
+    assert s.num_reserved == 2 and s.running == [a]
+    out = step(s)  # the last chunk samples: b and c fork from it, sampling in rows 1 and 2
+    assert plan(out) == [("a-0", 8, 2)]
+    assert [(f.row, f.child) for f in out.forks] == [(0, b), (0, c)]
+    assert out.sampling_rows() == [(0, a), (1, b), (2, c)]
+    assert s.running == [a, b, c] and s.num_reserved == 0
+    assert s.pages.pages_of("a-1") == s.pages.pages_of("a-0") == [1, 2, 3]
+    assert (b.num_computed_tokens, b.num_pending, b.output_token_ids) == (10, 0, [7])
+    out = step(s)  # each writes token 10 into shared page 3: the first two get copies
+    assert plan(out) == [("a-0", 10, 1), ("a-1", 10, 1), ("a-2", 10, 1)]
+    assert [(cp.request_id, cp.src, cp.dst) for cp in out.copies] == [("a-0", 3, 4), ("a-1", 3, 5)]
+    assert [s.pages.pages_of(r.request_id)[2] for r in (a, b, c)] == [4, 5, 3]
+    s.pages.check_invariants()
+
+
+def test_admission_reserves_sequence_slots_for_pending_forks():
+    s = make(max_seqs=4, budget=64)
+    add_forked(s, "a", 3, n=3)
+    add(s, "b", 3)
+    add(s, "c", 3)
+    out = step(s)  # a and its 2 forks take 3 of 4 sequences: b joins, c waits
+    assert plan(out) == [("a-0", 0, 3), ("b", 0, 3)] and len(out.forks) == 2
+    assert [r.request_id for r in s.running] == ["a-0", "b", "a-1", "a-2"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_preempted_parent_before_its_fork_releases_the_reservation():
+    s = make(num_pages=5, page_size=4, max_seqs=4, budget=4, caching=False)
+    add(s, "x", 4, max_tokens=8, base=100)
+    step(s)
+    kids = add_forked(s, "a", 8, n=2, max_tokens=2)
+    step(s)  # x decodes (page 2), a's first chunk (page 3)
+    assert s.num_reserved == 1
+    while s.num_unfinished:
+        step(s)
+        s.pages.check_invariants()
+        assert s.num_reserved == sum(len(r.forks) for r in s.running)
+    assert s.num_preemptions > 0
+    assert [len(k.output_token_ids) for k in kids] == [2, 2] and s.pages.usage == 0.0
+
+
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 30),
+@given(st.lists(st.tuples(st.sampled_from(["add", "fork", "abort", "step", "step"]), st.integers(1, 30),
                           st.integers(1, 6)), max_size=60),
        st.booleans(), st.sampled_from([1, 3]))
 def test_random_add_abort_step_keeps_page_invariants(ops, caching, num_steps):
@@ -137,6 +191,8 @@ def test_random_add_abort_step_keeps_page_invariants(ops, caching, num_steps):
     for i, (op, n, k) in enumerate(ops):
         if op == "add" and n < 40:
             reqs.append(add(s, f"r{i}", n, max_tokens=k, base=(n % 3) * 100))  # repeated prefixes
+        elif op == "fork" and n < 40:
+            reqs += add_forked(s, f"r{i}", n, n=1 + k % 3, max_tokens=k, base=(n % 3) * 100)
         elif op == "abort" and reqs:
             victim = reqs[n % len(reqs)]
             if not victim.finished:
@@ -145,7 +201,8 @@ def test_random_add_abort_step_keeps_page_invariants(ops, caching, num_steps):
             step(s)
         s.pages.check_invariants()
         assert all(r.status is RequestStatus.RUNNING for r in s.running)
-        assert len(s.running) <= 3
+        assert len(s.running) + s.num_reserved <= 3
+        assert s.num_reserved == sum(len(r.forks) for r in s.running)
     for _ in range(400):
         if not s.num_unfinished:
             break

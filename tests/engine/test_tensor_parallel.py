@@ -140,7 +140,7 @@ def test_llama_70b_tp8_step_holds_an_eighth_of_weights_and_pool_per_device():
                         jax.ShapeDtypeStruct((num_seqs + 1, 64), jnp.int32, sharding=rep),
                         jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32, sharding=rep),
                         jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=rep),
-                        jax.ShapeDtypeStruct((3 * num_seqs + 2,), jnp.int32, sharding=rep)).compile()
+                        jax.ShapeDtypeStruct((4 * num_seqs + 2,), jnp.int32, sharding=rep)).compile()
     weights = sum(s.size * 2 for s in jax.tree.leaves(shapes["model"]))  # bf16; the LM head is the sampler's
     pool = 2 * cfg.num_hidden_layers * num_pages * page_size * cfg.num_key_value_heads * cfg.head_dim * 2
     per_device = compiled.memory_analysis().argument_size_in_bytes

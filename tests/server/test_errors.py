@@ -53,7 +53,6 @@ COMPLETION_CASES = [
     ({"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": 5}, "prompt"),
     ({}, "prompt"),
     ({"prompt": [10**9]}, "prompt"),

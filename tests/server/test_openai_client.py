@@ -1,5 +1,8 @@
 """The official openai client against the real engine: completions, chat, streaming, n, logprobs, stop, seed."""
 
+import json
+import os
+
 from tests.server.conftest import MODEL
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -92,6 +95,38 @@ def test_logprobs_completion_and_chat(client):
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
     assert content[0].logprob == content[0].top_logprobs[0].logprob
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens_first(client, server):
+    prompt = "The capital of France is"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    r = client.completions.create(**kw)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    ids = server[1].tokenizer.encode(prompt)
+    assert text.startswith(prompt) and "".join(lp.tokens) == text
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    plain = client.completions.create(**{**kw, "echo": False}).choices[0].logprobs
+    assert lp.token_logprobs[len(ids):] == plain.token_logprobs
+    chunks = list(client.completions.create(**kw, stream=True))
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert "".join(c.choices[0].text for c in chunks) == text and streamed == lp.token_logprobs
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def test_use_beam_search_returns_the_beams_best_first(client, server):
+    with open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_beams.json")) as f:
+        case = json.load(f)["cases"][0]  # EOS disabled, 4 beams of 8 tokens, as HF transformers finds them
+    r = client.completions.create(model=MODEL, prompt=case["prompt"], max_tokens=8, n=4,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True})
+    tok = server[1].tokenizer
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [tok.decode(ids) for ids in case["hf_token_ids"]]
+    assert r.usage.completion_tokens == 32
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                          n=2, extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
 
 
 def test_stop_string_and_stop_reason(client):
