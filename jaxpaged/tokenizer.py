@@ -1,12 +1,13 @@
 """Tokenizer loading: a HF tokenizer directory, or the tokenizer embedded in a GGUF file (without torch), kept in
-the model cache (`jaxpaged.models.model_cache`) after it is first converted."""
+the model cache (`jaxpaged.models.model_cache`) after it is first converted.
+
+transformers is imported only when a tokenizer is loaded: importing it costs seconds where torch is installed, and
+a shape-only dummy model has no tokenizer at all.
+"""
 
 import importlib
 import logging
 import os
-
-import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from jaxpaged.models import model_cache
 
@@ -25,12 +26,16 @@ def load_tokenizer(path: str, gguf_file: str | None = None, **kwargs):
     if gguf_file is None and str(path).endswith(".gguf"):
         path, gguf_file = os.path.split(path)
     if gguf_file is None:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path, **kwargs)
     return _cached_gguf_tokenizer(os.path.join(path, gguf_file))
 
 
-def _cached_gguf_tokenizer(gguf_path: str) -> PreTrainedTokenizerFast:
+def _cached_gguf_tokenizer(gguf_path: str):
     """The GGUF file's tokenizer from the model cache's `save_pretrained` files; converted (and cached) once."""
+    from transformers import PreTrainedTokenizerFast
+
     folder = model_cache.part_dir(gguf_path, "tokenizer")
     if model_cache.open_part(folder) is not None:
         logger.info("Read the tokenizer of %s from the model cache %s.", gguf_path, folder)
@@ -40,8 +45,9 @@ def _cached_gguf_tokenizer(gguf_path: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _tokenizer_from_gguf(gguf_path: str) -> PreTrainedTokenizerFast:
+def _tokenizer_from_gguf(gguf_path: str):
     from gguf import GGUFReader
+    from transformers import PreTrainedTokenizerFast
 
     mapping, convert = _gguf_converter()
     reader = GGUFReader(gguf_path)
@@ -75,5 +81,7 @@ def _gguf_converter():
             continue
         if hasattr(module, "GGUF_TOKENIZER_MAPPING") and hasattr(module, "convert_gguf_tokenizer"):
             return module.GGUF_TOKENIZER_MAPPING, module.convert_gguf_tokenizer
+    import transformers
+
     raise ImportError(f"transformers {transformers.__version__} has no GGUF tokenizer converter that jaxpaged "
                       "knows; install a transformers release between 4.45 and 5.24")
