@@ -17,6 +17,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices to shard the model over")
+    p.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0: every process of a multi-host run runs the same command")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="log jaxpaged's INFO messages (loading, KV cache)")
 
 
@@ -26,7 +30,8 @@ def _make_llm(args):
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
-               tensor_parallel_size=args.tensor_parallel_size)
+               tensor_parallel_size=args.tensor_parallel_size, coordinator_address=args.coordinator_address,
+               num_processes=args.num_processes, process_id=args.process_id)
 
 
 def _generate(args) -> int:

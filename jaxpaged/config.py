@@ -25,6 +25,8 @@ class EngineArgs:
     sampled ids fed to the next on the device; the host schedules, sends inputs and processes outputs once per
     step instead of once per token. A request that stops early has its extra tokens dropped; a request that
     arrives meanwhile waits for the step to end (time to first token is the cost of larger values).
+    `coordinator_address` / `num_processes` / `process_id` join a `jax.distributed` group of several processes
+    (hosts), whose devices the model then spans (`jaxpaged.distributed`); None reads JAX's environment variables.
     """
 
     model: str | None = None
@@ -47,6 +49,9 @@ class EngineArgs:
     disable_log_stats: bool = True
     async_scheduling: bool = True
     num_scheduler_steps: int = 1
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -65,8 +70,11 @@ class EngineArgs:
             _check_range("num_gpu_blocks_override", self.num_gpu_blocks_override, self.num_gpu_blocks_override >= 2,
                          ">= 2 (page 0 is the reserved null page)")
         _check_range("tensor_parallel_size", self.tensor_parallel_size,
-                     isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
-                     "an integer >= 1 (devices of one host for now)")
+                     isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "an integer >= 1")
+        for name in ("num_processes", "process_id"):
+            value = getattr(self, name)
+            _check_range(name, value, value is None or (isinstance(value, int) and value >= (name == "num_processes")),
+                         "None or an integer >= " + ("1" if name == "num_processes" else "0"))
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxpaged.beam_processor import BeamProcessor, beam_children
 from jaxpaged.beam_search import BeamSearchParams, BeamState
+from jaxpaged import distributed
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
 from jaxpaged.executable_cache import ExecutableCache
@@ -38,7 +39,10 @@ def _collect_in_flight(engine_ref: weakref.ref) -> None:
     with one in flight, e.g. after a caller stopped stepping once its own requests finished."""
     engine = engine_ref()
     if engine is not None and engine._in_flight is not None:
-        engine._in_flight.result()
+        try:
+            engine._in_flight.result()
+        except Exception:  # noqa: BLE001  a step that failed (another process died) has nothing left to wait for
+            pass
 
 
 def _enable_compilation_cache(path: str | None) -> str:
@@ -62,6 +66,8 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs):
         self.args = args
+        distributed.initialize(distributed.group_from(args.coordinator_address, args.num_processes, args.process_id))
+        distributed.check_mesh(args.tensor_parallel_size)
         cache_dir = _enable_compilation_cache(args.compilation_cache_dir)
         mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
         self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh)
@@ -84,8 +90,9 @@ class LLMEngine:
                           jax.tree.map(lambda x: (x.shape, str(x.dtype)), self.model.params)))
         self.runner = ModelRunner(self.model, page_size=args.block_size, max_model_len=self.max_model_len,
                                   buckets=buckets, attn_impl=args.attention_impl, kv_dtype=self.model.dtype,
-                                  executable_cache=ExecutableCache(os.path.join(cache_dir, "executables"),
-                                                                   signature))
+                                  executable_cache=ExecutableCache(  # one process only: untried across hosts
+                                      os.path.join(cache_dir, "executables") if jax.process_count() == 1 else None,
+                                      signature))
         per_page = page_bytes(cfg.num_hidden_layers, args.block_size,  # on one device: its share of the heads
                               kv_heads_per_device(cfg, args.tensor_parallel_size), cfg.head_dim, self.model.dtype)
         num_pages = num_pages_for(
@@ -185,7 +192,7 @@ class LLMEngine:
         for i in range(params.n):
             seed = (params.seed + i) if params.seed is not None else self._rng.getrandbits(32)
             child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params,
-                            eos_token_ids=self.eos_token_ids, host_sync=params.has_penalties)
+                            eos_token_ids=self.eos_token_ids)
             child.seed = seed & 0xFFFFFFFF
             children.append(child)
         self.output_processor.add(request_id, text, token_ids, params, children)
@@ -263,7 +270,12 @@ class LLMEngine:
         return outputs
 
     def _process(self, handle: StepHandle) -> list[RequestOutput]:
-        outs = handle.result()
+        try:
+            outs = handle.result()
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() > 1:
+                raise distributed.peer_failure(e) from e
+            raise
         outputs = self.output_processor.process(handle.sched, outs, self._on_tokens, self._finish,
                                                 (handle.prompt_chunks, handle.prompt_result()))
         if self.beams.groups:

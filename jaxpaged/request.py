@@ -62,6 +62,9 @@ class Request:
     forks: list["Request"] = dataclasses.field(default_factory=list)  # siblings to fork once the prompt is computed
     host_sync: bool = False  # each token must reach the host before the next step (penalties, beam search)
 
+    def __post_init__(self) -> None:
+        self.host_sync = self.host_sync or self.sampling_params.has_penalties  # penalties read tokens on the host
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

@@ -162,14 +162,15 @@ def cached_params(source: str, dtype, build: Callable[[], tuple[dict, dict, dict
                   mesh=None) -> tuple[dict, dict, dict]:
     """(HF config dict, generation config, params in `dtype`) of the file `source`: read from the cache (each
     tensor placed on `mesh` as it is read, when given), else `build()` (the real conversion) and cached for the
-    next load."""
+    next load (by a single process; a multi-host run reads an entry but does not write one)."""
     folder = part_dir(source, f"weights-{jnp.dtype(dtype).name}")
     cached = None if open_part(folder) is None else _read_params(folder, dtype, mesh)
     if cached is not None:
         logger.info("Read the converted weights of %s from the model cache %s.", source, folder)
         return cached
     raw, generation, params = build()
-    write_part(folder, functools.partial(_write_params, raw=raw, generation=generation, params=params))
+    if jax.process_count() == 1:  # across hosts no process holds whole tensors: one process fills the cache
+        write_part(folder, functools.partial(_write_params, raw=raw, generation=generation, params=params))
     return raw, generation, params
 
 

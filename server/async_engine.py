@@ -34,6 +34,19 @@ def _default_factory(args: EngineArgs):
     return engine
 
 
+def _leader_channel(args: EngineArgs):
+    """Process 0 of a multi-host group: the channel to its followers (None for one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    from jaxpaged import distributed
+    from jaxpaged.server.follower import LeaderChannel
+
+    coordinator = distributed.group_from(args.coordinator_address, args.num_processes, args.process_id)[0]
+    return LeaderChannel(coordinator, jax.process_count() - 1)
+
+
 class AsyncLLMEngine:
     """Owns an LLMEngine on one background thread; the event loop never touches the engine or the device.
 
@@ -43,7 +56,8 @@ class AsyncLLMEngine:
     request only; a failing `step()` fails the requests in flight and the loop goes on. Metrics are snapshotted on
     the engine thread after every iteration, so a scrape never reads the engine's state from another thread.
 
-    `engine_factory(args)` builds the engine (default: `LLMEngine`); tests pass a fake.
+    `engine_factory(args)` builds the engine (default: `LLMEngine`); tests pass a fake. In a multi-host group
+    this runs on process 0 and forwards every applied command to the other processes (`server/follower.py`).
     """
 
     def __init__(self, args: EngineArgs | None = None, engine_factory: Callable | None = None):
@@ -57,6 +71,8 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()  # guards _streams (event loop thread and engine thread)
         self._metrics: list = []
         self._thread: threading.Thread | None = None
+        self._channel = None  # multi-host: the followers' command channel (server/follower.py)
+        self._to_forward: list = []  # commands applied since the last message to the followers
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -140,6 +156,7 @@ class AsyncLLMEngine:
         try:
             self.engine = self._factory(self.args)
             self._metrics = self.engine.get_metrics()
+            self._channel = _leader_channel(self.args)
         except BaseException as e:  # reported by /health and the CLI
             logger.exception("Engine start-up failed")
             self.start_error = e
@@ -173,18 +190,34 @@ class AsyncLLMEngine:
                 break
         for kind, request_id, payload in commands:
             if kind == "stop":
+                self._forward([(kind, None, None)])
                 return False
             if kind == "abort":
                 self._abort_in_engine([request_id])
             else:
                 self._add(request_id, *payload)
-        return True
+        return self._forward([])
+
+    def _forward(self, extra: list) -> bool:
+        """Sends the followers (multi-host) what was applied since the last message; False if one is gone."""
+        if self._channel is None:
+            return True
+        commands, self._to_forward = self._to_forward + extra, []
+        try:
+            self._channel.send(commands)
+            return True
+        except OSError as e:
+            logger.error("A follower process left (%s); the engine stops.", e)
+            self._fail_all(EngineStepError("a process of the multi-host group left"))
+            return False
 
     def _add(self, request_id: str, prompt, params: SamplingParams | BeamSearchParams) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is None:  # aborted before the engine saw it
             return
+        if self._channel is not None:
+            self._to_forward.append(("add", request_id, (prompt, params)))
         try:
             if isinstance(params, BeamSearchParams):
                 self.engine.add_beam_request(request_id, prompt, params)
@@ -197,6 +230,8 @@ class AsyncLLMEngine:
             self._deliver(request_id, e, last=True)
 
     def _abort_in_engine(self, request_ids: list[str]) -> None:
+        if self._channel is not None:
+            self._to_forward += [("abort", request_id, None) for request_id in request_ids]
         try:
             self.engine.abort_request(request_ids)
         except Exception:

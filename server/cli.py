@@ -40,6 +40,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="decode sub-steps per scheduling pass when every request decodes (vLLM v0's multi-step)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host, jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
@@ -53,13 +56,23 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Serves until interrupted; /health turns 200 after warm-up. Returns 1 if the engine fails to start."""
+    """Serves until interrupted; /health turns 200 after warm-up. Returns 1 if the engine fails to start. In a
+    multi-host group, processes other than 0 follow process 0 (`server/follower.py`) instead of serving."""
+    from jaxpaged import distributed
+
+    engine_args = engine_args_from(args)
+    group = distributed.group_from(engine_args.coordinator_address, engine_args.num_processes,
+                                   engine_args.process_id)
+    if group is not None and group[2] > 0:
+        from jaxpaged.server.follower import run_follower
+
+        return run_follower(engine_args)
     import uvicorn
 
     from jaxpaged.server.app import build_app
     from jaxpaged.server.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(engine_args_from(args))
+    engine = AsyncLLMEngine(engine_args)
     app = build_app(engine, api_key=args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level))
     url = f"http://{args.host}:{args.port}"

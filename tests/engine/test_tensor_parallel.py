@@ -33,17 +33,6 @@ def greedy(model: str, tp: int, **kw) -> tuple[LLM, list[list[int]]]:
     return llm, [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.fixture(scope="module")
-def eight_heads(tmp_path_factory) -> str:
-    """An untied Llama config with 8 query and 2 KV heads (dummy weights), so that TP goes up to 8."""
-    with open(os.path.join(FIXTURES, "llama2_mha_untied", "config.json")) as f:
-        cfg = json.load(f)
-    cfg.update(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=16, intermediate_size=192)
-    path = tmp_path_factory.mktemp("eight_heads") / "config.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
-
-
 @pytest.mark.parametrize("fixture", ["llama2_mha_untied", "llama31_gqa_tied_rope_scaling", "qwen2_bias_gqa"])
 def test_real_weights_give_the_same_greedy_tokens_for_tp_1_2_4(fixture):
     folder = os.path.join(FIXTURES, fixture)  # 4 query heads; 4 or 2 KV heads (TP=4 replicates 2 of them)

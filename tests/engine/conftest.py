@@ -1,0 +1,19 @@
+"""Fixtures shared by the engine tests."""
+
+import json
+import os
+
+import pytest
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+
+
+@pytest.fixture(scope="session")
+def eight_heads(tmp_path_factory) -> str:
+    """An untied Llama config with 8 query and 2 KV heads (dummy weights), so that TP goes up to 8."""
+    with open(os.path.join(FIXTURES, "llama2_mha_untied", "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=16, intermediate_size=192)
+    path = tmp_path_factory.mktemp("eight_heads") / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
