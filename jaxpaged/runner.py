@@ -163,7 +163,7 @@ class ModelRunner:
     def warm_up(self, num_decode_steps: int = 1) -> None:
         """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every
         sequence bucket, the page-table update and, with `num_decode_steps > 1`, the multi-step decode of every
-        sequence bucket and sampler variant, in one thread per CPU core (XLA compiles outside the GIL).
+        sequence bucket and sampler variant, in up to 8 threads (XLA compiles outside the GIL).
 
         Sampler programs for penalty windows or long banned-token lists, and the prompt-logprob programs, compile
         on first use.
@@ -173,7 +173,7 @@ class ModelRunner:
         if num_decode_steps > 1:
             keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         keys += [("update",), ("copy",)]
-        workers = max(1, min(len(keys), os.cpu_count() or 1))
+        workers = max(1, min(len(keys), os.cpu_count() or 1, 8))  # 16 were no faster on the H200 (RESULTS.md)
         start, hits = time.perf_counter(), self.executable_cache.hits
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
                 tqdm(total=len(keys), desc="Compiling step programs", unit="program") as bar:
