@@ -55,6 +55,7 @@ class PageManager:
         self._num_hashed: dict[str, int] = {}  # request id -> its leading pages already entered in `cached`
         self.stats = PrefixCacheStats()
         self.copies: list[PageCopy] = []  # copy-on-writes of the steps being scheduled, taken by the runner
+        self._num_refs = 0  # sum of ref_counts, kept as they change (a metric read every server step)
 
     @property
     def num_free_pages(self) -> int:
@@ -68,7 +69,7 @@ class PageManager:
     @property
     def num_shared_refs(self) -> int:
         """Page references beyond the first of each page: pages that sharing (prefix hits, forks) saves now."""
-        return sum(self.ref_counts) - (self.num_pages - 1 - len(self.free))
+        return self._num_refs - (self.num_pages - 1 - len(self.free))
 
     def pages_of(self, request_id: str) -> list[int]:
         return self.req_pages.get(request_id, [])
@@ -78,6 +79,7 @@ class PageManager:
         pages = self.req_pages.get(parent.request_id, [])
         for page in pages:
             self.ref_counts[page] += 1
+        self._num_refs += len(pages)
         self.req_pages[child.request_id] = list(pages)
         self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
         child.page_hashes = list(parent.page_hashes)
@@ -90,6 +92,7 @@ class PageManager:
         for _, pages, _, _ in new:
             for page in pages:
                 self.ref_counts[page] += 1
+            self._num_refs += len(pages)
         for target, pages, num_hashed, hashes in new:
             self.free_request(target.request_id)
             self.req_pages[target.request_id] = pages
@@ -149,6 +152,7 @@ class PageManager:
             if self.ref_counts[page] == 0:
                 del self.free[page]
             self.ref_counts[page] += 1
+        self._num_refs += len(cached_pages)
         pages.extend(cached_pages)
         for _ in range(max(num_needed, 0)):
             pages.append(self._take_free_page())
@@ -158,13 +162,16 @@ class PageManager:
     def _copy_on_write(self, request_id: str, pages: list[int], index: int) -> None:
         src, dst = pages[index], self._take_free_page()
         self.ref_counts[src] -= 1
+        self._num_refs -= 1
         pages[index] = dst
         self.copies.append(PageCopy(request_id, index, src, dst))
 
     def free_request(self, request_id: str) -> None:
         """Releases a finished or preempted request's pages (tail first into the LRU list)."""
         self._num_hashed.pop(request_id, None)
-        for page in reversed(self.req_pages.pop(request_id, [])):
+        pages = self.req_pages.pop(request_id, [])
+        self._num_refs -= len(pages)
+        for page in reversed(pages):
             self.ref_counts[page] -= 1
             if self.ref_counts[page] == 0:
                 self.free[page] = None
@@ -183,6 +190,7 @@ class PageManager:
                 del self.cached[page_hash]
             self.page_hash[page] = None
         self.ref_counts[page] = 1
+        self._num_refs += 1
         return page
 
     def _cache_full_pages(self, req: Request, pages: list[int], num_full: int) -> None:
@@ -214,6 +222,7 @@ class PageManager:
             assert (page in self.free) == (self.ref_counts[page] == 0), page
         for pages in self.req_pages.values():
             assert len(set(pages)) == len(pages), "a page appears twice in one request"
+        assert self._num_refs == sum(self.ref_counts)
         used = sum(1 for page in range(1, self.num_pages) if self.ref_counts[page] > 0)
         assert used + len(self.free) == self.num_pages - 1
         for page_hash, page in self.cached.items():

@@ -241,8 +241,7 @@ class ModelRunner:
             prompt_out = self._program(("prompt", num_tokens))(self.model.params, hidden_all,
                                                                prompt_targets(chunks, num_tokens))
         floats, ints = self._sampling_inputs(lay)
-        requests = [s.request for s in sched.scheduled] + [f.child for f in sched.forks]
-        penalty, banned = self._token_lists(requests, lay)
+        penalty, banned = self._token_lists(sched, lay)
         flags = self.sampling.flags(lay.row_slots)
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
@@ -288,24 +287,27 @@ class ModelRunner:
             chunk[0, :n], chunk[1, :n], chunk[2, :n] = rows[at:at + n], cols[at:at + n], vals[at:at + n]
             self.page_tables = update(self.page_tables, chunk)
 
-    def _token_lists(self, requests: list[Request], lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
+    def _token_lists(self, sched: SchedulerOutput, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """Penalty windows [S, W] (prompt + outputs; W = 1 when no row has penalties) and banned ids [S, K]
-        (EOS and stop ids before min_tokens) of the sampler rows (`requests`, in row order). Built per row only
-        in the rare steps that need them.
+        (EOS and stop ids before min_tokens) of the sampler rows (scheduled requests, then forks). Built per row
+        only in the rare steps that need them.
 
         NOTE: penalties read the request's tokens on the host, so the engine runs such steps synchronously.
         """
-        num_seqs, n, slots = lay.slots.shape[0], len(requests), lay.row_slots
-        if self._penalties[slots].any():
-            penalty = pad_rows([r.token_ids(0, r.num_known_tokens) if r.sampling_params.has_penalties else []
-                                for r in requests], num_seqs, 64)
-        else:
-            penalty = np.full((num_seqs, 1), -1, np.int32)
-        if (lay.positions[:n] < self._min_tokens[slots[:n]]).any():
-            banned = pad_rows([_banned(r, int(lay.positions[i])) for i, r in enumerate(requests)], num_seqs,
-                              BANNED_MIN)
-        else:
-            banned = np.full((num_seqs, BANNED_MIN), -1, np.int32)
+        num_seqs, slots = lay.slots.shape[0], lay.row_slots
+        n = len(sched.scheduled) + len(sched.forks)
+        penalized = self._penalties[slots].any()
+        banning = (lay.positions[:n] < self._min_tokens[slots[:n]]).any()
+        penalty = np.full((num_seqs, 1), -1, np.int32)
+        banned = np.full((num_seqs, BANNED_MIN), -1, np.int32)
+        if penalized or banning:
+            requests = [s.request for s in sched.scheduled] + [f.child for f in sched.forks]
+            if penalized:
+                penalty = pad_rows([r.token_ids(0, r.num_known_tokens) if r.sampling_params.has_penalties else []
+                                    for r in requests], num_seqs, 64)
+            if banning:
+                banned = pad_rows([_banned(r, int(lay.positions[i])) for i, r in enumerate(requests)], num_seqs,
+                                  BANNED_MIN)
         return penalty, banned
 
 
