@@ -226,8 +226,7 @@ class ModelRunner:
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
         if sched.num_steps > 1:
             return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)))
-        num_seqs = self.buckets.num_seqs(len(sched.scheduled) + len(sched.forks))
-        num_tokens = self.buckets.num_tokens(sched.num_tokens)
+        num_tokens, num_seqs = self.buckets.shape(sched.num_tokens, len(sched.scheduled) + len(sched.forks))
         self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
         lay = self.batch.layout(sched, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, lay.last_rows,
