@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 PAD_SLOT = -1  # slot_mapping entry of a padding token: its K/V are written nowhere
 _MASK_VALUE = -1e30  # finite: block 0 always holds position 0, so every live row sees a real score first
+# The oracle computes in true float32: JAX's default precision lets a GPU use TF32 (and a TPU bf16 passes) in dots.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
@@ -88,13 +90,13 @@ def ragged_paged_attention_reference(
         v = v_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).astype(jnp.float32)
         key_pos = b * block_len + jnp.arange(block_len)
         mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [T, 1, 1, L]
-        s = jnp.einsum("tkgd,tlkd->tkgl", qg, k)
+        s = jnp.einsum("tkgd,tlkd->tkgl", qg, k, precision=_HIGHEST)
         s = jnp.where(mask, s, _MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None]) * mask
         alpha = jnp.exp(m - m_new)
         l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("tkgl,tlkd->tkgd", p, v)
+        acc = alpha[..., None] * acc + jnp.einsum("tkgl,tlkd->tkgd", p, v, precision=_HIGHEST)
         return m_new, l, acc
 
     init = (
