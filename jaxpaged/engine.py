@@ -9,9 +9,9 @@ import weakref
 import jax
 import numpy as np
 
+from jaxpaged import distributed
 from jaxpaged.beam_processor import BeamProcessor, beam_children
 from jaxpaged.beam_search import BeamSearchParams, BeamState
-from jaxpaged import distributed
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
 from jaxpaged.executable_cache import ExecutableCache

@@ -23,7 +23,8 @@ class SamplingParams:
     `include_stop_str_in_output`; EOS and `stop_token_ids` stay in `token_ids` (as in vLLM). `logprobs=k` returns the
     sampled token's log-probability plus the top k, taken from the raw model distribution (vLLM's default
     `raw_logprobs`); `prompt_logprobs=k` does the same for every prompt token after the first (such a request skips
-    the prefix cache, as in vLLM). Invalid values raise `ValueError` naming the argument, its value and the allowed range.
+    the prefix cache, as in vLLM). Invalid values raise `ValueError` naming the argument, its value and the allowed
+    range.
     """
 
     n: int = 1
