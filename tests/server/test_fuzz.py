@@ -32,8 +32,8 @@ def clamp(body) -> None:
         # floats too: the server takes an integral float such as 948.0 as max_tokens
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[key] = MAX_TOKENS
-    if "max_completion_tokens" not in body and "max_tokens" not in body:
-        body["max_tokens"] = MAX_TOKENS  # chat would otherwise fill the context
+    if body.get("max_completion_tokens") is None and body.get("max_tokens") is None:
+        body["max_tokens"] = MAX_TOKENS  # missing or null: the request would otherwise fill the context
 
 
 # The schema of an app that is never started: the same routes and models as the server under test.
