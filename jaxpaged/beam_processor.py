@@ -64,7 +64,7 @@ class BeamProcessor:
     def _advance(self, group: RequestGroup, on_finish) -> RequestOutput | None:
         state, beams = group.beam, group.children
         live = beams[:state.num_live]
-        hyps = [Hypothesis(r.output_token_ids, r.logprobs, r.cumulative_logprob) for r in live]
+        hyps = _hypotheses(live)
         moves = state.select(hyps)
         sources = [live[m.source] for m in moves]
         self.scheduler.pages.reassign(list(zip(beams, sources)))
@@ -84,9 +84,8 @@ class BeamProcessor:
 
     def _finish(self, group: RequestGroup, on_finish) -> RequestOutput:
         state = group.beam
-        beams = [Hypothesis(r.output_token_ids, r.logprobs, r.cumulative_logprob)
-                 for r in group.children[:state.num_live]]
-        outputs = [self._completion(i, h, state) for i, h in enumerate(state.best(beams))]
+        best = state.best(_hypotheses(group.children[:state.num_live]))
+        outputs = [self._completion(i, h, state) for i, h in enumerate(best)]
         for req in group.children:
             if not req.finished:
                 on_finish(req, RequestStatus.FINISHED_LENGTH)
@@ -116,6 +115,11 @@ class BeamProcessor:
         first.forks = group.children[1:]
         group.beam = BeamState(group.beam.params, group.beam.num_prompt_tokens, group.beam.eos_token_ids)
         self.scheduler.add_first(first)
+
+
+def _hypotheses(beams: list[Request]) -> list[Hypothesis]:
+    """The live beams' current outputs."""
+    return [Hypothesis(r.output_token_ids, r.logprobs, r.cumulative_logprob) for r in beams]
 
 
 def beam_children(request_id: str, prompt_token_ids: list[int], params, eos_token_ids) -> list[Request]:

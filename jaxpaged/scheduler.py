@@ -126,9 +126,7 @@ class Scheduler:
                 steps = 1
                 if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
                     continue  # `req` itself was preempted (it was the last running request)
-            scheduled.append(self._take(req, num_new, num_tokens, steps))
-            if req.forks and scheduled[-1].samples:
-                self._fork(req, len(scheduled) - 1)
+            self._take(scheduled, req, num_new, num_tokens, steps)
             budget -= num_new
             i += 1
         if not preempted:
@@ -176,14 +174,17 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             self._forks.append(Fork(row, child))
 
-    @staticmethod
-    def _take(req: Request, num_new: int, num_tokens: int, steps: int = 1) -> ScheduledRequest:
-        """Marks the chunk (and `steps - 1` decode sub-steps after it) computed and their tokens pending."""
+    def _take(self, scheduled: list[ScheduledRequest], req: Request, num_new: int, num_tokens: int,
+              steps: int = 1) -> None:
+        """Schedules the chunk (and `steps - 1` decode sub-steps after it): marks it computed and its tokens
+        pending, and forks `req`'s pending children if the chunk samples its first token."""
         start = req.num_computed_tokens
         samples = start + num_new == num_tokens
         req.num_computed_tokens = start + num_new + steps - 1
         req.num_pending += samples + steps - 1
-        return ScheduledRequest(req, start, num_new, samples, steps)
+        scheduled.append(ScheduledRequest(req, start, num_new, samples, steps))
+        if req.forks and samples:
+            self._fork(req, len(scheduled) - 1)
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0:
@@ -203,9 +204,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self.num_reserved += len(req.forks)
-            scheduled.append(self._take(req, num_new, num_tokens))
-            if req.forks and scheduled[-1].samples:
-                self._fork(req, len(scheduled) - 1)
+            self._take(scheduled, req, num_new, num_tokens)
             budget -= num_new
         return budget
 
