@@ -11,7 +11,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
-export OUT=${OUT:-/tmp/out} JAXPAGED_CACHE_DIR=/tmp/jaxpaged-xla TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+export OUT=${OUT:-/tmp/out} JAXPAGED_CACHE_DIR=${JAXPAGED_CACHE_DIR:-/tmp/jaxpaged-xla} TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 mkdir -p "$OUT"
 T="python3 $root/benchmarks/throughput.py"
 FIXED="--num-prompts 256 --input-len 512 --output-len 128 --max-model-len 1024"
