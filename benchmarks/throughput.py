@@ -209,9 +209,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def log_engine_info() -> None:
     """jaxpaged's INFO lines (KV pool size, step programs compiled / loaded from the executable cache, seconds) to
-    stderr; other libraries stay at WARNING."""
+    stderr, or its DEBUG lines (each program's trace and compile seconds) with JAXPAGED_LOG_LEVEL=DEBUG; other
+    libraries stay at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxpaged").setLevel(logging.INFO)
+    logging.getLogger("jaxpaged").setLevel(os.environ.get("JAXPAGED_LOG_LEVEL", "INFO"))
 
 
 def main() -> None:

@@ -158,7 +158,17 @@ class ModelRunner:
                  "copy": lambda: self.copy_fn.lower(self.kv_caches, self._spec((2, _COPY_CHUNK))),
                  "prompt": self._lower_prompt}[kind]
         pool = self.kv_caches[0][0].shape if kind in ("forward", "decode", "copy") else None
-        return key, self.executable_cache.get((*key, pool), lambda: lower(*shape).compile())
+
+        def build() -> jax.stages.Compiled:
+            start = time.perf_counter()
+            lowered = lower(*shape)
+            lowered_at = time.perf_counter()
+            program = lowered.compile()
+            logger.debug("Step program %s: traced and lowered in %.2f s, compiled in %.2f s", key,
+                         lowered_at - start, time.perf_counter() - lowered_at)
+            return program
+
+        return key, self.executable_cache.get((*key, pool), build)
 
     def warm_up(self, num_decode_steps: int = 1) -> None:
         """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every

@@ -4,6 +4,7 @@ One call runs a flat ragged batch: T new tokens of several sequences; every laye
 (`write_kv_pages`) and then attends through `ragged_paged_attention`. Norms, softmax and rotary run in float32.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -119,6 +120,15 @@ class DecoderLayer(nn.Module):
         return x, kv
 
 
+@functools.cache
+def _layer_fn(cfg: ModelConfig, dtype, attn_impl: str, mesh):
+    """(layer params, x, md, kv, cos, sin) -> (x, kv): one decoder layer as a jitted function. Every layer of a
+    step program calls it with the same shapes, so JAX traces and lowers it once per program, not once per layer
+    (the Pallas kernels' lowering included); XLA inlines the calls, so the compiled program is the same."""
+    layer = DecoderLayer(cfg, dtype, attn_impl, mesh)
+    return jax.jit(lambda params, x, md, kv, cos, sin: layer.apply({"params": params}, x, md, kv, cos, sin))
+
+
 class LlamaModel(nn.Module):
     """token ids [T] -> final hidden states [T, hidden] (after the last norm) and the updated KV pool."""
 
@@ -138,8 +148,12 @@ class LlamaModel(nn.Module):
             cos, sin = rope_cos_sin(c, md.positions)  # [T, head_dim // 2] f32 each
         new_caches = []
         for i, kv in enumerate(kv_caches):
-            with jax.named_scope(f"layer_{i}"):
-                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, self.mesh, name=f"layers_{i}")(x, md, kv, cos, sin)
+            name = f"layers_{i}"
+            if self.is_initializing():
+                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, self.mesh, name=name)(x, md, kv, cos, sin)
+            else:  # one traced and lowered layer called num_hidden_layers times (see `_layer_fn`)
+                x, kv = _layer_fn(c, self.dtype, self.attn_impl, self.mesh)(self.variables["params"][name],
+                                                                            x, md, kv, cos, sin)
             new_caches.append(kv)
         with jax.named_scope("final_norm"):
             x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [T, hidden]
