@@ -4,8 +4,8 @@ JAX's persistent compilation cache (also on) saves only the XLA compile: each pr
 seconds per forward bucket of a 30-layer model on a CPU. This cache keeps each compiled program as
 `jax.experimental.serialize_executable` bytes in `<compilation cache dir>/executables/<key>.bin`, where the key
 is a sha256 of the program's name and shapes, the engine's `signature` (model config, dtypes, pool shape,
-attention kernel, ...), the jax and jaxlib versions, the devices and the source of every module of the package
-(a code change invalidates everything). A file is written to a temporary name and renamed into place, and starts
+attention kernel, ...), the jax and jaxlib versions, the devices, `XLA_FLAGS` (compiler options change the
+program) and the source of every module of the package (a code change invalidates everything). A file is written to a temporary name and renamed into place, and starts
 with the sha256 of its payload: a truncated, corrupt or unreadable file is deleted and the program compiled again.
 A folder that cannot be written is used read-only (one warning); nothing here ever stops the engine.
 
@@ -73,7 +73,7 @@ class ExecutableCache:
         self.folder = folder
         devices = [d.device_kind for d in jax.devices()]
         self._salt = repr((signature, jax.__version__, jaxlib.__version__, jax.default_backend(), devices,
-                           _source_digest()))
+                           os.environ.get("XLA_FLAGS", ""), _source_digest()))
         self._writable = folder is not None and self._can_write()
         if folder is not None:
             _load_kernel_runtimes()

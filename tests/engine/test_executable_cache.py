@@ -45,6 +45,15 @@ def test_another_signature_or_program_compiles_its_own(tmp_path):
     assert len(glob.glob(str(tmp_path / "*.bin"))) == 3
 
 
+def test_other_xla_flags_compile_their_own(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nonexistent")  # read at construction only: not applied here
+    ExecutableCache(str(tmp_path), "m").get(("p",), _program(calls))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    ExecutableCache(str(tmp_path), "m").get(("p",), _program(calls))
+    assert len(calls) == 2 and len(glob.glob(str(tmp_path / "*.bin"))) == 2
+
+
 def test_a_truncated_or_corrupt_entry_is_rebuilt_never_used(tmp_path, caplog):
     calls = []
     ExecutableCache(str(tmp_path), "m").get(("p",), _program(calls))
