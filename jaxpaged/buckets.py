@@ -37,6 +37,12 @@ class Buckets:
     def seq_sizes(self) -> list[int]:
         return _powers_of_two(8, self.max_num_seqs)
 
+    @property
+    def first_token_sizes(self) -> list[int]:
+        """Every other token bucket from the top: the forward programs a background warm-up compiles first. Every
+        step fits one of them with at most twice its bucket's tokens."""
+        return self.token_sizes[::-1][::2]
+
     def num_tokens(self, n: int) -> int:
         return next(b for b in self.token_sizes if b >= n)
 

@@ -106,7 +106,7 @@ class LLMEngine:
             log_plan(self.model, num_pages * per_page)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
-                                   args.num_scheduler_steps)
+                                   args.num_scheduler_steps, self.runner.multi_step_ready.is_set)
         self.eos_token_ids = self._eos_token_ids()
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only
@@ -117,13 +117,17 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._rng = random.Random(args.seed)
 
-    def warm_up(self) -> None:
+    def warm_up(self, background: bool = False) -> None:
         """Compiles every step program now (the server does this before it reports ready).
 
         Without it, each program compiles the first time a step needs it, so an offline `generate` pays only for
-        the (token, sequence) buckets its workload reaches.
+        the (token, sequence) buckets its workload reaches. With `background` (the server's default), it returns
+        once a set of programs that runs every step is compiled and leaves the rest (half the forward buckets,
+        the multi-step decodes) to background threads: until those are done, some steps run in a larger bucket
+        or as single steps (`ModelRunner.warm_up`). A multi-process group compiles everything now: its processes
+        must take the same steps.
         """
-        self.runner.warm_up(self.args.num_scheduler_steps)
+        self.runner.warm_up(self.args.num_scheduler_steps, background=background and jax.process_count() == 1)
 
     def _resolve_max_model_len(self, requested: int | None, model_max: int) -> int:
         if requested is None:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 
 import jax
@@ -90,6 +91,9 @@ class ModelRunner:
         self.update_fn = self._jit(update_tables, (0,), "r")
         self.copy_fn = self._jit(copy_pages, (0,), "p")
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
+        self.multi_step_ready = threading.Event()  # cleared while multi-step decodes compile in the background
+        self.multi_step_ready.set()
+        self._background: BackgroundCompiler | None = None
         self.padding = PaddingStats()
 
     # ---- memory and compilation -----------------------------------------------------------------------------
@@ -170,29 +174,48 @@ class ModelRunner:
 
         return key, self.executable_cache.get((*key, pool), build)
 
-    def warm_up(self, num_decode_steps: int = 1) -> None:
+    def warm_up(self, num_decode_steps: int = 1, background: bool = False) -> None:
         """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every
-        sequence bucket, the page-table update and, with `num_decode_steps > 1`, the multi-step decode of every
-        sequence bucket and sampler variant, in up to 8 threads (XLA compiles outside the GIL).
+        sequence bucket, the page-table update, the page copy and, with `num_decode_steps > 1`, the multi-step
+        decode of every sequence bucket and sampler variant, in up to 8 threads (XLA compiles outside the GIL).
 
-        Sampler programs for penalty windows or long banned-token lists, and the prompt-logprob programs, compile
-        on first use.
+        With `background`, only a set that can run every step is compiled before this returns: the forward
+        programs of every other token bucket from the top (`Buckets.first_token_sizes`: a step runs in the
+        smallest compiled bucket that holds it, with at most 2x its tokens), every sampler, the update and the
+        copy. The other forward buckets and the multi-step decodes compile in background threads and are used as
+        each one is done; until every multi-step decode is, steps are single (`multi_step_ready`). Outputs do not
+        depend on which bucket runs a step. Sampler programs for penalty windows or long banned-token lists, and
+        the prompt-logprob programs, compile on first use.
         """
         keys = [("forward", t, s) for t, s in self.buckets.all_shapes()]
         keys += [("sample", s, f, 1, BANNED_MIN) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         if num_decode_steps > 1:
             keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         keys += [("update",), ("copy",)]
+        first = set(self.buckets.first_token_sizes) if background else None
+        now = [k for k in keys if first is None or (k[0] != "decode" and (k[0] != "forward" or k[1] in first))]
+        later = [k for k in keys if k not in now]
+        self._compile_all(now, "Compiling step programs")
+        if later:
+            self.multi_step_ready.clear()
+            self._background = BackgroundCompiler(self, later, self.multi_step_ready.set)
+
+    def _compile_all(self, keys: list[tuple], desc: str) -> None:
         workers = max(1, min(len(keys), os.cpu_count() or 1, 8))  # 16 were no faster on the H200 (RESULTS.md)
         start, hits = time.perf_counter(), self.executable_cache.hits
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
-                tqdm(total=len(keys), desc="Compiling step programs", unit="program") as bar:
+                tqdm(total=len(keys), desc=desc, unit="program") as bar:
             for future in concurrent.futures.as_completed([pool.submit(self._compile, k) for k in keys]):
                 key, executable = future.result()
                 self.executables[key] = executable
                 bar.update(1)
         logger.info("Compiled %d step programs with %d threads in %.1f s (%d loaded from the executable cache).",
                     len(keys), workers, time.perf_counter() - start, self.executable_cache.hits - hits)
+
+    def wait_for_background(self) -> None:
+        """Blocks until the programs `warm_up(background=True)` left to background threads are compiled."""
+        if self._background is not None:
+            self._background.join()
 
     def _program(self, key: tuple) -> jax.stages.Compiled:
         program = self.executables.get(key)
@@ -236,7 +259,7 @@ class ModelRunner:
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
         if sched.num_steps > 1:
             return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)))
-        num_tokens, num_seqs = self.buckets.shape(sched.num_tokens, len(sched.scheduled) + len(sched.forks))
+        num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.scheduled) + len(sched.forks))
         self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
         lay = self.batch.layout(sched, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, lay.last_rows,
@@ -255,6 +278,15 @@ class ModelRunner:
         sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
         return _handle(StepHandle(sched, out, chunks, prompt_out))
+
+    def _forward_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """The step's bucket, or while forward programs compile in the background, the smallest compiled one that
+        holds it (the top bucket always is)."""
+        shape = self.buckets.shape(num_tokens, num_seqs)
+        if self._background is None or ("forward", *shape) in self.executables:
+            return shape
+        return min((k[1], k[2]) for k in list(self.executables)
+                   if k[0] == "forward" and k[1] >= shape[0] and k[2] >= shape[1])
 
     def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
         """A multi-step decode: every scheduled row is a one-token decode that runs `ScheduledRequest.num_steps`
@@ -332,3 +364,50 @@ def _banned(req: Request, position: int) -> list[int]:
     if position >= p.min_tokens:
         return []
     return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids))
+
+
+class BackgroundCompiler:
+    """Compiles `keys` into `runner.executables` in `THREADS` threads, in order, then calls `on_done`. A worker
+    stops between programs once the main thread has ended (interpreter exit waits only for the programs in
+    progress).
+
+    Few threads: tracing and lowering hold the GIL, which the engine thread needs for every step it runs meanwhile
+    (with 8 threads on the H100 host, a server's TPOT during the background compile was 21 ms, RESULTS.md).
+    """
+
+    THREADS = 2
+
+    def __init__(self, runner: ModelRunner, keys: list[tuple], on_done):
+        self._runner, self._keys, self._on_done = runner, list(keys), on_done
+        self._lock = threading.Lock()
+        self._left = len(self._keys)
+        self._start = time.perf_counter()
+        workers = max(1, min(len(keys), self.THREADS))
+        logger.info("Compiling %d more step programs in %d background threads.", len(keys), workers)
+        self._threads = [threading.Thread(target=self._work, name=f"jaxpaged-compile-{i}") for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def _next(self) -> tuple | None:
+        with self._lock:
+            return self._keys.pop(0) if self._keys and threading.main_thread().is_alive() else None
+
+    def _work(self) -> None:
+        while (key := self._next()) is not None:
+            try:
+                key, program = self._runner._compile(key)
+                self._runner.executables[key] = program
+            except Exception:  # noqa: BLE001  the step keeps its fallback (a larger bucket, single steps)
+                logger.exception("Background compilation of step program %s failed", key)
+                continue
+            with self._lock:
+                self._left -= 1
+                done = self._left == 0
+            if done:
+                logger.info("Background compilation done: all step programs compiled %.1f s after ready.",
+                            time.perf_counter() - self._start)
+                self._on_done()
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()

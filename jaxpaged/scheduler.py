@@ -74,9 +74,10 @@ class Scheduler:
     """
 
     def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, num_scheduler_steps: int = 1):
+                 max_model_len: int, num_scheduler_steps: int = 1, multi_step_ready=lambda: True):
         self.pages = page_manager
         self.num_scheduler_steps = num_scheduler_steps
+        self.multi_step_ready = multi_step_ready  # () -> bool: False while the multi-step programs compile
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -139,7 +140,7 @@ class Scheduler:
 
     def _multi_step_count(self) -> int:
         """`num_scheduler_steps` when this step can be a multi-step decode, else 1."""
-        if self.num_scheduler_steps == 1 or not self.running or (
+        if self.num_scheduler_steps == 1 or not self.running or not self.multi_step_ready() or (
                 self.waiting and len(self.running) < self.max_num_seqs):
             return 1
         for req in self.running:

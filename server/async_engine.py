@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -26,11 +27,13 @@ class _Stream:
     added: bool = False  # the engine accepted it (only the engine thread sets this)
 
 
-def _default_factory(args: EngineArgs):
+def _default_factory(args: EngineArgs, background_compile: bool = True):
+    """The engine, warmed up: ready once every step can run; with `background_compile`, the programs that only
+    make some steps faster compile after that (`LLMEngine.warm_up`)."""
     from jaxpaged.engine import LLMEngine
 
     engine = LLMEngine(args)
-    engine.warm_up()  # every step program compiled before the server reports ready
+    engine.warm_up(background=background_compile)
     return engine
 
 
@@ -60,9 +63,10 @@ class AsyncLLMEngine:
     this runs on process 0 and forwards every applied command to the other processes (`server/follower.py`).
     """
 
-    def __init__(self, args: EngineArgs | None = None, engine_factory: Callable | None = None):
+    def __init__(self, args: EngineArgs | None = None, engine_factory: Callable | None = None,
+                 background_compile: bool = True):
         self.args = args or EngineArgs()
-        self._factory = engine_factory or _default_factory
+        self._factory = engine_factory or functools.partial(_default_factory, background_compile=background_compile)
         self.engine = None
         self.ready = threading.Event()  # set when the engine is built (or failed: see start_error)
         self.start_error: BaseException | None = None

@@ -43,6 +43,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host, jax.distributed)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--compile-all-before-ready", action="store_true",
+                   help="/health turns 200 only once every step program is compiled (default: once every step can "
+                        "run; the programs that make some steps faster compile in the background after that)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
@@ -72,7 +75,7 @@ def run_server(args: argparse.Namespace) -> int:
     from jaxpaged.server.app import build_app
     from jaxpaged.server.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(engine_args)
+    engine = AsyncLLMEngine(engine_args, background_compile=not args.compile_all_before_ready)
     app = build_app(engine, api_key=args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level))
     url = f"http://{args.host}:{args.port}"

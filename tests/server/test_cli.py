@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
+from jaxpaged.config import EngineArgs
 from jaxpaged.server.cli import add_serve_args, engine_args_from
 from tests.server.helpers import free_port
 
@@ -48,3 +50,26 @@ def test_python_m_jaxpaged_server_logs_url_and_serves():
         proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down, then re-raises the signal
         rest = proc.communicate(timeout=60)[1]
     assert "Application shutdown complete" in rest and proc.returncode in (0, -signal.SIGINT), rest
+
+
+@pytest.mark.parametrize("flags, background", [([], True), (["--compile-all-before-ready"], False)])
+def test_server_engine_warms_up_in_the_background_unless_told_to_compile_all(monkeypatch, flags, background):
+    import argparse
+
+    import jaxpaged.engine
+    from jaxpaged.server import async_engine
+
+    calls = []
+
+    class Engine:
+        def __init__(self, args):
+            pass
+
+        def warm_up(self, background=False):
+            calls.append(background)
+
+    monkeypatch.setattr(jaxpaged.engine, "LLMEngine", Engine)
+    args = add_serve_args(argparse.ArgumentParser()).parse_args(flags)
+    engine = async_engine.AsyncLLMEngine(EngineArgs(), background_compile=not args.compile_all_before_ready)
+    engine._factory(engine.args)
+    assert calls == [background]
