@@ -144,7 +144,9 @@ class Scheduler:
                 self.waiting and len(self.running) < self.max_num_seqs):
             return 1
         for req in self.running:
-            if (req.num_computed_tokens != req.num_tokens - 1 or req.host_sync
+            # NOTE: a request with forks ahead samples its first token here and forks after that token: in a
+            # multi-step decode its own later sub-steps would be counted as its children's computed tokens.
+            if (req.num_computed_tokens != req.num_tokens - 1 or req.host_sync or req.forks
                     or req.sampling_params.min_tokens > len(req.output_token_ids) + req.num_pending):
                 return 1
         return self.num_scheduler_steps

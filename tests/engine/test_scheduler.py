@@ -213,3 +213,18 @@ def test_random_add_abort_step_keeps_page_invariants(ops, caching, num_steps):
     for r in reqs:
         if r.status is RequestStatus.FINISHED_LENGTH:
             assert len(r.output_token_ids) == r.sampling_params.max_tokens
+
+
+def test_a_step_that_forks_is_never_a_multi_step_decode():
+    # The parent's last prompt token is a one-token chunk; had it decoded 2 more sub-steps, its children would have
+    # inherited 19 computed tokens for 18 known ones and waited forever (hypothesis found it).
+    s = make(num_pages=12, page_size=4, max_seqs=3, budget=16, caching=False, num_steps=3)
+    parent, *children = add_forked(s, "r0", 17, n=3, max_tokens=2)
+    assert plan(step(s)) == [("r0-0", 0, 16)]
+    out = step(s)
+    assert (out.num_steps, plan(out), [f.child for f in out.forks]) == (1, [("r0-0", 16, 1)], children)
+    assert [(c.num_computed_tokens, c.num_tokens) for c in children] == [(17, 18), (17, 18)]
+    for _ in range(4):
+        step(s)
+    assert s.num_unfinished == 0
+    assert [len(r.output_token_ids) for r in (parent, *children)] == [2, 2, 2]
