@@ -5,8 +5,9 @@ seconds per forward bucket of a 30-layer model on a CPU. This cache keeps each c
 `jax.experimental.serialize_executable` bytes in `<compilation cache dir>/executables/<key>.bin`, where the key
 is a sha256 of the program's name and shapes, the engine's `signature` (model config, dtypes, pool shape,
 attention kernel, ...), the jax and jaxlib versions, the devices, `XLA_FLAGS` (compiler options change the
-program) and the source of every module of the package (a code change invalidates everything). A file is written to a temporary name and renamed into place, and starts
-with the sha256 of its payload: a truncated, corrupt or unreadable file is deleted and the program compiled again.
+program) and the source of every module of the package (a code change invalidates everything). A file is written
+to a temporary name and renamed into place, and starts with the sha256 of its payload: a truncated, corrupt or
+unreadable file is deleted and the program compiled again.
 A folder that cannot be written is used read-only (one warning); nothing here ever stops the engine.
 
 NOTE: while this cache can write, JAX's persistent cache is turned off for the process: an XLA:CPU executable
