@@ -7,7 +7,8 @@
 # own log, for a second start on the same machine (serve-1b-kN-warm likewise; both servers append to
 # $OUT/server.log); profile-kN: 20 warm-up steps (the
 # prefills) then 10 profiled multi-steps; serve-1b-kN: benchmarks/serving.py --launch with the throughput run's
-# engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log)
+# engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log;
+# serve-8b-kN: the same with Llama-3.1-8B)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -37,8 +38,9 @@ for s in "$@"; do
     ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
     profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" \
       --warmup-steps 20 --profile-steps 10 ;;
-    serve-1b-k*) k=${s#serve-1b-k}; k=${k%-warm}
-      step "$s" 240 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b --load-format dummy \
+    serve-1b-k*|serve-8b-k*) k=${s#serve-?b-k}; k=${k%-warm}; size=${s#serve-}; size=${size%%-*}
+      [ "$size" = 8b ] && model=llama-3.1-8b || model=llama-3.2-1b
+      step "$s" 240 python3 "$root/benchmarks/serving.py" --launch "--model $model --load-format dummy \
       --dtype bfloat16 --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
       --num-scheduler-steps $k --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
       --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;

@@ -15,7 +15,7 @@ from jaxpaged.beam_search import BeamSearchParams, BeamState
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
 from jaxpaged.executable_cache import ExecutableCache
-from jaxpaged.kv_pool import device_kv_budget, num_pages_for, page_bytes
+from jaxpaged.kv_pool import device_free_bytes, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
 from jaxpaged.models.sharding import kv_heads_per_device, log_plan, make_mesh, shard_model
@@ -99,7 +99,7 @@ class LLMEngine:
             override=args.num_gpu_blocks_override, kv_bytes=args.kv_cache_memory_bytes, per_page=per_page,
             backend=backend, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
             page_size=args.block_size,
-            device_budget=lambda: device_kv_budget(args.gpu_memory_utilization, self.runner.activation_bytes()))
+            device_budget=lambda: self.runner.kv_budget(device_free_bytes(args.gpu_memory_utilization), per_page))
         self._check_pool(num_pages, args.block_size)
         self.runner.allocate_kv_pool(num_pages)
         if self.model.mesh is not None:

@@ -15,8 +15,9 @@ def page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int
     return 2 * num_layers * page_size * num_kv_heads * head_dim * np.dtype(dtype).itemsize
 
 
-def device_kv_budget(gpu_memory_utilization: float, activation_bytes: int) -> int:
-    """Bytes left for the pool on an accelerator: utilization x JAX's memory limit - weights - activations.
+def device_free_bytes(gpu_memory_utilization: float) -> int:
+    """Bytes for the pool and the activations on an accelerator: utilization x JAX's memory limit - what is in
+    use (the weights).
 
     JAX may use XLA_PYTHON_CLIENT_MEM_FRACTION of the device (default 0.75; the `jaxpaged` CLI sets 0.95 when
     unset); `gpu_memory_utilization` is the share of that the engine plans for, the rest stays free for XLA's
@@ -27,10 +28,8 @@ def device_kv_budget(gpu_memory_utilization: float, activation_bytes: int) -> in
     if not limit:
         raise RuntimeError("cannot read device memory; set num_gpu_blocks_override or kv_cache_memory_bytes")
     in_use = stats.get("bytes_in_use", 0)
-    budget = limit * gpu_memory_utilization - in_use - activation_bytes
-    logger.info("Device memory for JAX: %.2f GiB; weights %.2f GiB; activation peak %.2f GiB; KV pool %.2f GiB.",
-                limit / 2**30, in_use / 2**30, activation_bytes / 2**30, max(budget, 0) / 2**30)
-    return int(budget)
+    logger.info("Device memory for JAX: %.2f GiB; weights %.2f GiB.", limit / 2**30, in_use / 2**30)
+    return int(limit * gpu_memory_utilization - in_use)
 
 
 def num_pages_for(*, override: int | None, kv_bytes: int | None, per_page: int, backend: str, max_num_seqs: int,

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _UPDATE_CHUNK = 512  # page-table entries per update call: one compiled shape, looped for rare large admissions
 _COPY_CHUNK = 32  # copy-on-write page copies per call, likewise
+_BOUND_SHARE = 0.05  # the most of the free memory `kv_budget` reserves for activations without measuring first
 
 
 @dataclasses.dataclass
@@ -121,16 +123,44 @@ class ModelRunner:
                            jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding))
                           for _ in range(self.model.config.num_hidden_layers)]
 
-    def activation_bytes(self) -> int:
-        """Temporary memory of the largest forward bucket (compiled against a 2-page pool) and sampler."""
-        page = jax.ShapeDtypeStruct(self._pool_shape(2), self.kv_dtype, sharding=self._pool_sharding)
-        caches = [(page, page)] * self.model.config.num_hidden_layers
+    def kv_budget(self, free_bytes: int, per_page: int) -> int:
+        """Bytes for the pool on an accelerator: `free_bytes` minus the activation peak, the temporary memory of
+        the largest forward bucket and the largest sampler, measured by compiling them (vLLM's profiling run).
+
+        The forward program is compiled against the pool it will run with, sized first for a generous bound of
+        its peak (`_activation_bound`, when that costs the pool at most `_BOUND_SHARE` of `free_bytes`); when
+        the measured peak fits the bound, that pool is kept (smaller than it could be by bound - peak) and the
+        program is the bucket's, so the largest forward compiles once. Otherwise, or on a small device, the
+        program is compiled against a 2-page pool first and the bucket compiles again for the real pool.
+        """
         num_tokens, num_seqs = max(self.buckets.all_shapes())
-        flags = SamplerFlags(True, True, True)
-        forward = self.executable_cache.get(("forward", num_tokens, num_seqs, page.shape),
-                                            lambda: self._lower_forward(num_tokens, num_seqs, caches).compile())
-        sampler = self._compile(("sample", num_seqs, flags, 1, BANNED_MIN))[1]
-        return int(max(forward.memory_analysis().temp_size_in_bytes, sampler.memory_analysis().temp_size_in_bytes))
+        sampler_key = ("sample", num_seqs, SamplerFlags(True, True, True), 1, BANNED_MIN)
+        sampler = self.executables[sampler_key] = self._compile(sampler_key)[1]
+        sampler_peak = sampler.memory_analysis().temp_size_in_bytes
+        bound = max(self._activation_bound(num_tokens), sampler_peak)
+        pages = (free_bytes - bound) // per_page if bound <= _BOUND_SHARE * free_bytes else 2
+        key = ("forward", num_tokens, num_seqs)
+        forward = self._compile(key, self._pool_specs(max(pages, 2)))[1]
+        peak = max(forward.memory_analysis().temp_size_in_bytes, sampler_peak)
+        reserved = bound if pages > 2 and peak <= bound else peak
+        kv = free_bytes - reserved
+        if kv // per_page == pages:
+            self.executables[key] = forward
+        logger.info("Activation peak %.2f GiB (%.2f GiB reserved); KV pool %.2f GiB.", peak / 2**30,
+                    reserved / 2**30, max(kv, 0) / 2**30)
+        return int(kv)
+
+    def _activation_bound(self, num_tokens: int) -> int:
+        """A generous bound of a forward program's temporary memory: every per-token intermediate of one layer
+        (hidden and norm states, q/k/v, the MLP's gate, up and product) at 4 bytes each, twice over."""
+        c = self.model.config
+        qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        return 2 * 4 * num_tokens * (4 * c.hidden_size + 2 * c.intermediate_size + qkv)
+
+    def _pool_specs(self, num_pages: int) -> list[tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]:
+        """A pool of `num_pages` to lower programs against before it exists."""
+        page = jax.ShapeDtypeStruct(self._pool_shape(num_pages), self.kv_dtype, sharding=self._pool_sharding)
+        return [(page, page)] * self.model.config.num_hidden_layers
 
     def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
         return self.forward_fn.lower(self.model.params, caches or self.kv_caches, self.page_tables, self.slot_tokens,
@@ -154,14 +184,16 @@ class ModelRunner:
         hidden = self._spec((num_tokens, self.model.config.hidden_size), self.model.dtype)
         return self.prompt_fn.lower(self.model.params, hidden, self._spec((num_tokens,)))
 
-    def _compile(self, key: tuple) -> tuple[tuple, jax.stages.Compiled]:
-        """(key, the compiled program `key`), from the executable cache when it has it."""
+    def _compile(self, key: tuple, caches=None) -> tuple[tuple, jax.stages.Compiled]:
+        """(key, the compiled program `key`), from the executable cache when it has it; a forward against
+        `caches` (shapes) when given, else against the pool."""
         kind, *shape = key
-        lower = {"forward": self._lower_forward, "sample": self._lower_sample, "decode": self._lower_decode,
+        lower = {"forward": functools.partial(self._lower_forward, caches=caches), "sample": self._lower_sample,
+                 "decode": self._lower_decode,
                  "update": lambda: self.update_fn.lower(self.page_tables, self._spec((3, _UPDATE_CHUNK))),
                  "copy": lambda: self.copy_fn.lower(self.kv_caches, self._spec((2, _COPY_CHUNK))),
                  "prompt": self._lower_prompt}[kind]
-        pool = self.kv_caches[0][0].shape if kind in ("forward", "decode", "copy") else None
+        pool = (caches or self.kv_caches)[0][0].shape if kind in ("forward", "decode", "copy") else None
 
         def build() -> jax.stages.Compiled:
             start = time.perf_counter()
@@ -181,10 +213,11 @@ class ModelRunner:
 
         With `background`, only a set that can run every step is compiled before this returns: the forward
         programs of every other token bucket from the top (`Buckets.first_token_sizes`: a step runs in the
-        smallest compiled bucket that holds it, with at most 2x its tokens), every sampler, the update and the
-        copy. The other forward buckets and the multi-step decodes compile in background threads and are used as
+        smallest compiled bucket that holds it, with at most 2x its tokens), two samplers per sequence bucket
+        (random sampling and logprobs on, filters on or off: `_sample_key`), the update and the copy. The other
+        forward buckets and samplers and the multi-step decodes compile in background threads and are used as
         each one is done; until every multi-step decode is, steps are single (`multi_step_ready`). Outputs do not
-        depend on which bucket runs a step. Sampler programs for penalty windows or long banned-token lists, and
+        depend on which program runs a step. Sampler programs for penalty windows or long banned-token lists, and
         the prompt-logprob programs, compile on first use.
         """
         keys = [("forward", t, s) for t, s in self.buckets.all_shapes()]
@@ -192,8 +225,8 @@ class ModelRunner:
         if num_decode_steps > 1:
             keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         keys += [("update",), ("copy",)]
-        first = set(self.buckets.first_token_sizes) if background else None
-        now = [k for k in keys if first is None or (k[0] != "decode" and (k[0] != "forward" or k[1] in first))]
+        keys = [k for k in keys if k not in self.executables]  # the programs `kv_budget` compiled are kept
+        now = [k for k in keys if not background or _in_ready_set(k, self.buckets.first_token_sizes)]
         later = [k for k in keys if k not in now]
         self._compile_all(now, "Compiling step programs")
         if later:
@@ -275,7 +308,7 @@ class ModelRunner:
         floats, ints = self._sampling_inputs(lay)
         penalty, banned = self._token_lists(sched, lay)
         flags = self.sampling.flags(lay.row_slots)
-        sampler = self._program(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1]))
+        sampler = self._program(self._sample_key(num_seqs, flags, penalty.shape[1], banned.shape[1]))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
         return _handle(StepHandle(sched, out, chunks, prompt_out))
 
@@ -287,6 +320,16 @@ class ModelRunner:
             return shape
         return min((k[1], k[2]) for k in list(self.executables)
                    if k[0] == "forward" and k[1] >= shape[0] and k[2] >= shape[1])
+
+    def _sample_key(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int) -> tuple:
+        """The step's sampler, or while samplers compile in the background, the compiled one that also samples at
+        random and computes logprobs: its tokens are the same (greedy rows take the argmax either way; rows that
+        did not ask for logprobs ignore them)."""
+        key = ("sample", num_seqs, flags, penalty_width, banned_width)
+        if self._background is None or key in self.executables:
+            return key
+        wider = ("sample", num_seqs, SamplerFlags(True, flags.filter, True), penalty_width, banned_width)
+        return wider if wider in self.executables else key
 
     def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
         """A multi-step decode: every scheduled row is a one-token decode that runs `ScheduledRequest.num_steps`
@@ -352,6 +395,18 @@ class ModelRunner:
         return penalty, banned
 
 
+def _in_ready_set(key: tuple, first_token_sizes) -> bool:
+    """Whether `warm_up(background=True)` compiles program `key` before it returns: the forward programs of
+    `first_token_sizes`, the samplers that sample at random and compute logprobs (one with and one without
+    filters per sequence bucket: `_sample_key`), the update and the copy; not the multi-step decodes."""
+    kind = key[0]
+    if kind == "forward":
+        return key[1] in first_token_sizes
+    if kind == "sample":
+        return key[2].random and key[2].logprobs
+    return kind != "decode"
+
+
 def _handle(handle: StepHandle) -> StepHandle:
     """Starts the copies of the step's results to the host."""
     for leaf in jax.tree.leaves((handle.out, handle.prompt_out)):
@@ -371,17 +426,23 @@ class BackgroundCompiler:
     stops between programs once the main thread has ended (interpreter exit waits only for the programs in
     progress).
 
-    Few threads: tracing and lowering hold the GIL, which the engine thread needs for every step it runs meanwhile
-    (with 8 threads on the H100 host, a server's TPOT during the background compile was 21 ms, RESULTS.md).
+    Tracing and lowering hold the GIL, which the engine thread needs for every step it runs meanwhile: each time
+    it takes the GIL back (after every device call or wait) it waits for the running thread to hand it over, up
+    to the interpreter's switch interval (5 ms by default, so ~21 ms per step on a server, RESULTS.md). While
+    this compiler runs, the switch interval is `SWITCH_INTERVAL` (restored when the last program is done), and
+    few threads compile.
     """
 
     THREADS = 2
+    SWITCH_INTERVAL = 1e-4  # seconds
 
     def __init__(self, runner: ModelRunner, keys: list[tuple], on_done):
         self._runner, self._keys, self._on_done = runner, list(keys), on_done
         self._lock = threading.Lock()
-        self._left = len(self._keys)
+        self._left, self._failed = len(self._keys), False
         self._start = time.perf_counter()
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, self.SWITCH_INTERVAL))
         workers = max(1, min(len(keys), self.THREADS))
         logger.info("Compiling %d more step programs in %d background threads.", len(keys), workers)
         self._threads = [threading.Thread(target=self._work, name=f"jaxpaged-compile-{i}") for i in range(workers)]
@@ -399,11 +460,16 @@ class BackgroundCompiler:
                 self._runner.executables[key] = program
             except Exception:  # noqa: BLE001  the step keeps its fallback (a larger bucket, single steps)
                 logger.exception("Background compilation of step program %s failed", key)
-                continue
+                self._failed = True
             with self._lock:
                 self._left -= 1
                 done = self._left == 0
             if done:
+                sys.setswitchinterval(self._switch_interval)
+                if self._failed:
+                    logger.warning("Background compilation done with failures: steps that need the failed programs "
+                                   "keep running in larger buckets or as single steps.")
+                    return
                 logger.info("Background compilation done: all step programs compiled %.1f s after ready.",
                             time.perf_counter() - self._start)
                 self._on_done()

@@ -4,11 +4,15 @@ The embedded SmolLM2-135M-Instruct (fp32, CPU) against HF transformers' greedy t
 
 import json
 import os
+import sys
+import threading
 
 import pytest
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged import runner as runner_module
+from jaxpaged.sampler import SamplerFlags
+from jaxpaged.step_programs import BANNED_MIN
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_greedy.json")
 # token buckets 16, 32, 64 (first: 64 and 16), sequence bucket 8; multi-step decodes of 4 steps
@@ -50,6 +54,9 @@ def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_progr
     assert _forwards(runner) == [(16, 8), (64, 8)]
     assert sorted(k[1] for k in runner._background.keys if k[0] == "forward") == [32]
     assert len([k for k in runner._background.keys if k[0] == "decode"]) == 6  # 1 sequence bucket x 6 samplers
+    assert {k[2] for k in runner.executables if k[0] == "sample"} == {SamplerFlags(True, False, True),
+                                                                     SamplerFlags(True, True, True)}
+    assert len([k for k in runner._background.keys if k[0] == "sample"]) == 4
     assert not runner.multi_step_ready.is_set()
     compiled = dict(runner.executables)
     before = {m.name: m.value for m in llm.get_metrics()}
@@ -59,8 +66,19 @@ def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_progr
     after = {m.name: m.value for m in llm.get_metrics()}
     assert after["jaxpaged:step_tokens"] - before["jaxpaged:step_tokens"] == 20 + 4
     assert after["jaxpaged:step_padding_tokens"] - before["jaxpaged:step_padding_tokens"] == 44 + 4 * 15
-    _generate_fixture(llm)  # same tokens as HF, with single steps only
+    _generate_fixture(llm)  # same tokens as HF, with single steps and the sampler that also samples at random
+    seeded = _seeded(llm)  # sampled by the sampler that also computes logprobs
     assert runner.executables == compiled  # nothing compiled on demand, no multi-step decode ran
+    runner._background = None  # as if the background compile were done: each step's own programs, compiled now
+    assert _seeded(llm) == seeded
+    assert ("sample", 8, SamplerFlags(True, False, False), 1, BANNED_MIN) in runner.executables
+
+
+def _seeded(llm) -> list[list[int]]:
+    params = SamplingParams(temperature=0.9, seed=11, max_tokens=6, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": list(range(500 + 20 * i, 512 + 20 * i))} for i in range(3)], params,
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def test_background_programs_are_used_once_compiled():
@@ -74,3 +92,29 @@ def test_background_programs_are_used_once_compiled():
     compiled = dict(engine.runner.executables)
     _generate_fixture(llm)
     assert engine.runner.executables == compiled
+
+
+class _Gated:
+    """A runner whose programs compile when `release` is set; the key "bad" fails."""
+
+    def __init__(self):
+        self.executables, self.release = {}, threading.Event()
+
+    def _compile(self, key):
+        self.release.wait()
+        if key == ("bad",):
+            raise RuntimeError("compile failed")
+        return key, object()
+
+
+@pytest.mark.parametrize("keys, ready", [([("a",), ("b",), ("c",)], True), ([("a",), ("bad",), ("c",)], False)])
+def test_background_compiles_shorten_the_gil_switch_interval_until_done(keys, ready):
+    before = sys.getswitchinterval()
+    runner, done = _Gated(), threading.Event()
+    compiler = runner_module.BackgroundCompiler(runner, keys, done.set)
+    assert sys.getswitchinterval() == pytest.approx(runner_module.BackgroundCompiler.SWITCH_INTERVAL)
+    runner.release.set()
+    compiler.join()
+    assert sys.getswitchinterval() == before
+    assert done.is_set() == ready  # a failed program keeps its fallback: multi-step decodes stay off
+    assert sorted(runner.executables) == sorted(k for k in keys if k != ("bad",))
