@@ -445,7 +445,10 @@ class BackgroundCompiler:
         sys.setswitchinterval(min(self._switch_interval, self.SWITCH_INTERVAL))
         workers = max(1, min(len(keys), self.THREADS))
         logger.info("Compiling %d more step programs in %d background threads.", len(keys), workers)
-        self._threads = [threading.Thread(target=self._work, name=f"jaxpaged-compile-{i}") for i in range(workers)]
+        # never daemons (a thread inherits its creator's flag; the server's engine thread is one): a daemon killed
+        # mid-compile at interpreter exit aborts the process ("terminate called ... exception not rethrown")
+        self._threads = [threading.Thread(target=self._work, name=f"jaxpaged-compile-{i}", daemon=False)
+                         for i in range(workers)]
         for t in self._threads:
             t.start()
 

@@ -118,3 +118,15 @@ def test_background_compiles_shorten_the_gil_switch_interval_until_done(keys, re
     assert sys.getswitchinterval() == before
     assert done.is_set() == ready  # a failed program keeps its fallback: multi-step decodes stay off
     assert sorted(runner.executables) == sorted(k for k in keys if k != ("bad",))
+
+
+def test_background_compile_threads_are_not_daemons_even_when_started_by_one():
+    """The server starts them from its (daemon) engine thread; a daemon killed mid-compile at exit aborts."""
+    runner, made = _Gated(), []
+    starter = threading.Thread(target=lambda: made.append(
+        runner_module.BackgroundCompiler(runner, [("a",), ("b",)], lambda: None)), daemon=True)
+    starter.start()
+    starter.join()
+    assert [t.daemon for t in made[0]._threads] == [False, False]
+    runner.release.set()
+    made[0].join()
