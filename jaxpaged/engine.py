@@ -18,6 +18,7 @@ from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.kv_pool import device_free_bytes, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
+from jaxpaged.models.fusion import fuse_projections
 from jaxpaged.models.sharding import kv_heads_per_device, log_plan, make_mesh, shard_model
 from jaxpaged.output_processor import OutputProcessor
 from jaxpaged.outputs import RequestOutput
@@ -73,6 +74,7 @@ class LLMEngine:
         self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh)
         if mesh is not None:
             self.model = shard_model(self.model, mesh)
+        self.model = fuse_projections(self.model)
         cfg = self.model.config
         self.model_name = args.served_model_name or self.model.name
         tokenizer_path = args.tokenizer or self.model.tokenizer_path

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.kernels import ragged_paged_attention, write_kv_pages
@@ -44,8 +45,23 @@ def _dense(features: int, name: str, dtype, bias: bool = False) -> nn.Dense:
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, precision=_precision(dtype), name=name)
 
 
+def _projections(x, widths: tuple[int, ...], names: tuple[str, ...], fused: str | None, mesh, dtype,
+                 bias: bool = False) -> list[jax.Array]:
+    """x [T, hidden] through the projections `names` of output widths `widths`: one matmul each, or with `fused`
+    one matmul through the kernel `fused` that holds them side by side per tensor-parallel device
+    ([hidden, tp, sum(widths) / tp], `models/fusion.py`). Returns [T, width] per projection, columns in the
+    order of the separate kernels."""
+    if fused is None:
+        return [_dense(w, n, dtype, bias)(x) for w, n in zip(widths, names)]
+    tp = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
+    out = _dense(sum(widths), fused, dtype, bias)(x)  # [T, sum(widths)]
+    parts = jnp.split(out.reshape(x.shape[0], tp, -1), np.cumsum([w // tp for w in widths])[:-1], axis=-1)
+    return [p.reshape(x.shape[0], -1) for p in parts]  # [T, width] each
+
+
 class Attention(nn.Module):
-    """x [T, hidden] -> [T, hidden]: q/k/v projections, rotary, KV write into the pages, paged attention, o_proj.
+    """x [T, hidden] -> [T, hidden]: q/k/v projections (one fused matmul with `fused`), rotary, KV write into the
+    pages, paged attention, o_proj.
 
     Returns the layer's updated (k_pages, v_pages).
     """
@@ -54,13 +70,14 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     attn_impl: str
     mesh: Any = None
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, md: AttentionMetadata, kv: tuple[jax.Array, jax.Array], cos, sin):
         c, t = self.cfg, x.shape[0]
-        q = _dense(c.num_attention_heads * c.head_dim, "q_proj", self.dtype, c.attention_bias)(x)
-        k = _dense(c.num_key_value_heads * c.head_dim, "k_proj", self.dtype, c.attention_bias)(x)
-        v = _dense(c.num_key_value_heads * c.head_dim, "v_proj", self.dtype, c.attention_bias)(x)
+        q, k, v = _projections(x, (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                                   c.num_key_value_heads * c.head_dim), ("q_proj", "k_proj", "v_proj"),
+                               "qkv_proj" if self.fused else None, self.mesh, self.dtype, c.attention_bias)
         q = apply_rope(q.reshape(t, c.num_attention_heads, c.head_dim), cos, sin)  # [T, H, D]
         k = apply_rope(k.reshape(t, c.num_key_value_heads, c.head_dim), cos, sin)  # [T, KVH, D]
         v = v.reshape(t, c.num_key_value_heads, c.head_dim)
@@ -87,16 +104,18 @@ def _paged_attention(mesh, impl: str, sm_scale: float, q, k, v, k_pages, v_pages
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), x [T, hidden]."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), x [T, hidden]; gate and up one fused matmul with `fused`."""
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    mesh: Any = None
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
-        gate = _dense(c.intermediate_size, "gate_proj", self.dtype)(x)
-        up = _dense(c.intermediate_size, "up_proj", self.dtype)(x)
+        gate, up = _projections(x, (c.intermediate_size,) * 2, ("gate_proj", "up_proj"),
+                                "gate_up_proj" if self.fused else None, self.mesh, self.dtype)
         return _dense(c.hidden_size, "down_proj", self.dtype)(jax.nn.silu(gate) * up)
 
 
@@ -107,25 +126,27 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     attn_impl: str
     mesh: Any = None
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, md, kv, cos, sin):
         c = self.cfg
         with jax.named_scope("attention"):
-            h, kv = Attention(c, self.dtype, self.attn_impl, self.mesh, name="self_attn")(
+            h, kv = Attention(c, self.dtype, self.attn_impl, self.mesh, self.fused, name="self_attn")(
                 RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), md, kv, cos, sin)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+            x = x + MLP(c, self.dtype, self.mesh, self.fused, name="mlp")(
+                RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
         return x, kv
 
 
 @functools.cache
-def _layer_fn(cfg: ModelConfig, dtype, attn_impl: str, mesh):
+def _layer_fn(cfg: ModelConfig, dtype, attn_impl: str, mesh, fused: bool):
     """(layer params, x, md, kv, cos, sin) -> (x, kv): one decoder layer as a jitted function. Every layer of a
     step program calls it with the same shapes, so JAX traces and lowers it once per program, not once per layer
     (the Pallas kernels' lowering included); XLA inlines the calls, so the compiled program is the same."""
-    layer = DecoderLayer(cfg, dtype, attn_impl, mesh)
+    layer = DecoderLayer(cfg, dtype, attn_impl, mesh, fused)
     return jax.jit(lambda params, x, md, kv, cos, sin: layer.apply({"params": params}, x, md, kv, cos, sin))
 
 
@@ -136,6 +157,7 @@ class LlamaModel(nn.Module):
     dtype: jnp.dtype
     attn_impl: str = "auto"
     mesh: Any = None  # tensor-parallel mesh: attention per device on its heads (models/sharding.py)
+    fused: bool = False  # params with qkv_proj and gate_up_proj (models/fusion.py) instead of the separate kernels
 
     @nn.compact
     def __call__(self, token_ids: jax.Array, md: AttentionMetadata, kv_caches: KVCache):
@@ -150,10 +172,11 @@ class LlamaModel(nn.Module):
         for i, kv in enumerate(kv_caches):
             name = f"layers_{i}"
             if self.is_initializing():
-                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, self.mesh, name=name)(x, md, kv, cos, sin)
+                x, kv = DecoderLayer(c, self.dtype, self.attn_impl, self.mesh, self.fused, name=name)(
+                    x, md, kv, cos, sin)
             else:  # one traced and lowered layer called num_hidden_layers times (see `_layer_fn`)
-                x, kv = _layer_fn(c, self.dtype, self.attn_impl, self.mesh)(self.variables["params"][name],
-                                                                            x, md, kv, cos, sin)
+                x, kv = _layer_fn(c, self.dtype, self.attn_impl, self.mesh, self.fused)(
+                    self.variables["params"][name], x, md, kv, cos, sin)
             new_caches.append(kv)
         with jax.named_scope("final_norm"):
             x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [T, hidden]

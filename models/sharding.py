@@ -1,7 +1,7 @@
 """Tensor parallelism: a 1-D device mesh (axis "model") and Megatron-style shardings of a Llama model and its pool.
 
 The shardings are declared once, in `PARAM_RULES` (parameter path pattern -> PartitionSpec of the [in, out] Flax
-kernel): q/k/v/gate/up column-parallel, o/down row-parallel, embedding and LM head vocab-parallel, norms
+kernel): q/k/v/gate/up column-parallel (fused or not: `fusion.py` lays the fused kernels out per device), o/down row-parallel, embedding and LM head vocab-parallel, norms
 replicated. The page pool is split over its KV-head axis (`POOL_SPEC`), and attention runs under `shard_map` on
 each device's heads (see `LlamaModel`); GSPMD inserts the all-reduces after o_proj and down_proj.
 
@@ -29,10 +29,10 @@ logger = logging.getLogger(__name__)
 AXIS = "model"
 POOL_SPEC = P(None, None, AXIS, None)  # [num_pages, page_size, kv_heads, head_dim]: KV heads split
 PARAM_RULES: tuple[tuple[str, P], ...] = (
-    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", P(None, AXIS)),
-    (r"self_attn/(q_proj|k_proj|v_proj)/bias$", P(AXIS)),
+    (r"self_attn/(q_proj|k_proj|v_proj|qkv_proj)/kernel$", P(None, AXIS)),
+    (r"self_attn/(q_proj|k_proj|v_proj|qkv_proj)/bias$", P(AXIS)),
     (r"self_attn/o_proj/kernel$", P(AXIS, None)),
-    (r"mlp/(gate_proj|up_proj)/kernel$", P(None, AXIS)),
+    (r"mlp/(gate_proj|up_proj|gate_up_proj)/kernel$", P(None, AXIS)),
     (r"mlp/down_proj/kernel$", P(AXIS, None)),
     (r"embed_tokens/embedding$", P(AXIS, None)),  # [vocab, hidden]
     (r"lm_head/kernel$", P(None, AXIS)),  # [hidden, vocab]

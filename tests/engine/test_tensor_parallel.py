@@ -61,14 +61,16 @@ def test_tp_1_2_4_8_same_tokens_and_shardings(eight_heads):
         runner = llm.llm_engine.runner
         layer = runner.model.params["model"]["layers_0"]
         shard = {name: leaf.addressable_shards[0].data.shape for name, leaf in [
-            ("q", layer["self_attn"]["q_proj"]["kernel"]), ("o", layer["self_attn"]["o_proj"]["kernel"]),
-            ("down", layer["mlp"]["down_proj"]["kernel"]), ("norm", layer["input_layernorm"]["weight"]),
+            ("qkv", layer["self_attn"]["qkv_proj"]["kernel"]), ("o", layer["self_attn"]["o_proj"]["kernel"]),
+            ("gate_up", layer["mlp"]["gate_up_proj"]["kernel"]), ("down", layer["mlp"]["down_proj"]["kernel"]),
+            ("norm", layer["input_layernorm"]["weight"]),
             ("embed", runner.model.params["model"]["embed_tokens"]["embedding"]),
             ("head", runner.model.params["lm_head"]["kernel"])]}
-        assert shard == {"q": (128, 128 // tp), "o": (128 // tp, 128), "down": (192 // tp, 128), "norm": (128,),
+        kv_heads = max(2, tp)  # 2 KV heads, replicated up to one per device
+        assert shard == {"qkv": (128, (128 + 2 * 16 * kv_heads) // tp), "o": (128 // tp, 128),
+                         "gate_up": (128, 2 * 192 // tp), "down": (192 // tp, 128), "norm": (128,),
                          "embed": (128 // tp, 128), "head": (128, 128 // tp)}
         k_pages = runner.kv_caches[0][0]
-        kv_heads = max(2, tp)  # 2 KV heads, replicated up to one per device
         assert runner.model.config.num_key_value_heads == kv_heads
         assert len(k_pages.addressable_shards) == tp
         assert all(s.data.shape[2] == kv_heads // tp for s in k_pages.addressable_shards)
