@@ -328,7 +328,7 @@ class ModelRunner:
         key = ("sample", num_seqs, flags, penalty_width, banned_width)
         if self._background is None or key in self.executables:
             return key
-        wider = ("sample", num_seqs, SamplerFlags(True, flags.filter, True), penalty_width, banned_width)
+        wider = ("sample", num_seqs, _wider(flags), penalty_width, banned_width)
         return wider if wider in self.executables else key
 
     def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
@@ -403,8 +403,13 @@ def _in_ready_set(key: tuple, first_token_sizes) -> bool:
     if kind == "forward":
         return key[1] in first_token_sizes
     if kind == "sample":
-        return key[2].random and key[2].logprobs
+        return key[2] == _wider(key[2])
     return kind != "decode"
+
+
+def _wider(flags: SamplerFlags) -> SamplerFlags:
+    """The sampler variant that stands in for `flags` while that one compiles (same tokens: `_sample_key`)."""
+    return SamplerFlags(True, flags.filter, True)
 
 
 def _handle(handle: StepHandle) -> StepHandle:
@@ -428,9 +433,10 @@ class BackgroundCompiler:
 
     Tracing and lowering hold the GIL, which the engine thread needs for every step it runs meanwhile: each time
     it takes the GIL back (after every device call or wait) it waits for the running thread to hand it over, up
-    to the interpreter's switch interval (5 ms by default, so ~21 ms per step on a server, RESULTS.md). While
-    this compiler runs, the switch interval is `SWITCH_INTERVAL` (restored when the last program is done), and
-    few threads compile.
+    to the interpreter's switch interval (5 ms by default). While this compiler runs, the switch interval is
+    `SWITCH_INTERVAL` (restored when the last program is done), and few threads compile. On an H100 a server's
+    TPOT during the background compile was 21.3 ms before this and 12.8 ms after (RESULTS.md; single steps and
+    larger buckets account for part of it).
     """
 
     THREADS = 2
