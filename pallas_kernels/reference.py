@@ -121,11 +121,17 @@ def write_kv_pages(
 
     Padding tokens are dropped rather than written into one shared slot: thousands of writes to one address make
     the GPU scatter serialise on it (on an H200, 1.6 s of scatters in one 8192-token step that was mostly padding).
+    Every index is distinct (a live token owns its slot; padding token i gets the out-of-range slot pool + i), so
+    the scatter is declared `unique_indices`: XLA then stores the rows instead of updating them atomically.
     """
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
     flat = (num_pages * page_size, num_kv_heads, head_dim)
-    slots = jnp.where(slot_mapping < 0, flat[0], slot_mapping)  # out of range: dropped
-    k_pages = k_pages.reshape(flat).at[slots].set(k.astype(k_pages.dtype), mode="drop").reshape(k_pages.shape)
-    v_pages = v_pages.reshape(flat).at[slots].set(v.astype(v_pages.dtype), mode="drop").reshape(v_pages.shape)
-    return k_pages, v_pages
+    pad = flat[0] + jnp.arange(slot_mapping.shape[0], dtype=jnp.int32)  # [T] out of range, distinct: dropped
+    slots = jnp.where(slot_mapping < 0, pad, slot_mapping)
+
+    def write(pages, new):
+        rows = pages.reshape(flat).at[slots].set(new.astype(pages.dtype), mode="drop", unique_indices=True)
+        return rows.reshape(pages.shape)
+
+    return write(k_pages, k), write(v_pages, v)
