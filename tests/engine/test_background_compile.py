@@ -2,8 +2,6 @@
 steps run in the smallest compiled bucket that holds them, and as single steps until the multi-step decodes exist.
 The embedded SmolLM2-135M-Instruct (fp32, CPU) against HF transformers' greedy tokens."""
 
-import json
-import os
 import sys
 import threading
 
@@ -13,22 +11,13 @@ from jaxpaged import LLM, SamplingParams
 from jaxpaged import runner as runner_module
 from jaxpaged.sampler import SamplerFlags
 from jaxpaged.step_programs import BANNED_MIN
+from tests.engine.hf_greedy import assert_greedy_matches_hf, needs_fixture
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_greedy.json")
 # token buckets 16, 32, 64 (first: 64 and 16), sequence bucket 8; multi-step decodes of 4 steps
 ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, seed=0,
                  num_scheduler_steps=4)
 
-pytestmark = pytest.mark.skipif(not os.path.exists(FIXTURE), reason="HF greedy fixture not generated")
-
-
-def _generate_fixture(llm) -> None:
-    with open(FIXTURE) as f:
-        cases = json.load(f)["cases"]
-    prompts = [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases]
-    params = SamplingParams(temperature=0, max_tokens=len(cases[0]["hf_token_ids"]), ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [c["hf_token_ids"] for c in cases]
+pytestmark = needs_fixture
 
 
 class _Held:
@@ -66,7 +55,7 @@ def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_progr
     after = {m.name: m.value for m in llm.get_metrics()}
     assert after["jaxpaged:step_tokens"] - before["jaxpaged:step_tokens"] == 20 + 4
     assert after["jaxpaged:step_padding_tokens"] - before["jaxpaged:step_padding_tokens"] == 44 + 4 * 15
-    _generate_fixture(llm)  # same tokens as HF, with single steps and the sampler that also samples at random
+    assert_greedy_matches_hf(llm)  # same tokens as HF, with single steps and the sampler that also samples at random
     seeded = _seeded(llm)  # sampled by the sampler that also computes logprobs
     assert runner.executables == compiled  # nothing compiled on demand, no multi-step decode ran
     runner._background = None  # as if the background compile were done: each step's own programs, compiled now
@@ -90,7 +79,7 @@ def test_background_programs_are_used_once_compiled():
     assert _forwards(engine.runner) == [(16, 8), (32, 8), (64, 8)]
     assert len([k for k in engine.runner.executables if k[0] == "decode"]) == 6
     compiled = dict(engine.runner.executables)
-    _generate_fixture(llm)
+    assert_greedy_matches_hf(llm)
     assert engine.runner.executables == compiled
 
 

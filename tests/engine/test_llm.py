@@ -1,6 +1,5 @@
 """End-to-end `LLM` on the embedded SmolLM2-135M-Instruct (fp32, CPU): outputs, parameters, errors, metrics."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,8 +7,8 @@ import sys
 import pytest
 
 from jaxpaged import LLM, SamplingParams
+from tests.engine.hf_greedy import assert_greedy_matches_hf, needs_fixture
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_greedy.json")
 ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, seed=0)
 
 
@@ -54,15 +53,9 @@ def test_chat_answers_with_paris(llm):
     assert "Paris" in out[0].outputs[0].text
 
 
-@pytest.mark.skipif(not os.path.exists(FIXTURE), reason="HF greedy fixture not generated")
+@needs_fixture
 def test_greedy_tokens_match_transformers_on_same_gguf(llm):
-    with open(FIXTURE) as f:
-        cases = json.load(f)["cases"]
-    prompts = [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases]
-    params = SamplingParams(temperature=0, max_tokens=len(cases[0]["hf_token_ids"]), ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    for case, out in zip(cases, outs):
-        assert out.outputs[0].token_ids == case["hf_token_ids"], case.get("prompt")
+    assert_greedy_matches_hf(llm)
 
 
 def test_outputs_come_back_in_input_order_with_vllm_fields(llm):

@@ -3,7 +3,6 @@ mesh size, weights and pool sharded as declared, KV heads replicated when the me
 heads, vLLM's errors for sizes that do not divide the heads."""
 
 import functools
-import json
 import os
 
 import jax
@@ -18,6 +17,7 @@ from jaxpaged.models.loader import shipped_config
 from jaxpaged.models.sharding import make_mesh, param_shardings, pool_sharding, replicated
 from jaxpaged.models.weights import param_shapes
 from jaxpaged.step_programs import forward_step
+from tests.engine.hf_greedy import assert_greedy_matches_hf, needs_fixture
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 PROMPTS = [[1, 5, 9, 20, 33], [7, 8, 9], list(range(3, 40)), [100, 2, 54, 17]]
@@ -76,13 +76,10 @@ def test_tp_1_2_4_8_same_tokens_and_shardings(eight_heads):
         assert all(s.data.shape[2] == kv_heads // tp for s in k_pages.addressable_shards)
 
 
+@needs_fixture
 def test_embedded_smollm2_tp3_matches_transformers():
-    with open(os.path.join(FIXTURES, "smollm2_greedy.json")) as f:
-        cases = json.load(f)["cases"]
     llm = LLM(tensor_parallel_size=3, **{**KW, "max_model_len": 256})  # 9 query / 3 KV heads: 3 and 1 per device
-    params = SamplingParams(temperature=0, max_tokens=len(cases[0]["hf_token_ids"]), ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": c["prompt_token_ids"]} for c in cases], params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [c["hf_token_ids"] for c in cases]
+    assert_greedy_matches_hf(llm)
     assert llm.llm_engine.runner.kv_caches[0][0].addressable_shards[0].data.shape[2] == 1
 
 
