@@ -214,9 +214,11 @@ class ModelRunner:
         With `background`, only a set that can run every step is compiled before this returns: the forward
         programs of every other token bucket from the top (`Buckets.first_token_sizes`: a step runs in the
         smallest compiled bucket that holds it, with at most 2x its tokens), two samplers per sequence bucket
-        (random sampling and logprobs on, filters on or off: `_sample_key`), the update and the copy. The other
+        (random sampling and logprobs on, filters on or off: `_stand_in`), the update and the copy. The other
         forward buckets and samplers and the multi-step decodes compile in background threads and are used as
-        each one is done; until every multi-step decode is, steps are single (`multi_step_ready`). Outputs do not
+        each one is done (`_background_order`): first the multi-step decodes of the two samplers above, after
+        which steps may be multi-step (`multi_step_ready`; a decode whose own sampler is not compiled yet runs with
+        the wider one, as single steps do), then the other forward buckets, samplers and decodes. Outputs do not
         depend on which program runs a step. Sampler programs for penalty windows or long banned-token lists, and
         the prompt-logprob programs, compile on first use.
         """
@@ -227,11 +229,12 @@ class ModelRunner:
         keys += [("update",), ("copy",)]
         keys = [k for k in keys if k not in self.executables]  # the programs `kv_budget` compiled are kept
         now = [k for k in keys if not background or _in_ready_set(k, self.buckets.first_token_sizes)]
-        later = [k for k in keys if k not in now]
+        later = sorted((k for k in keys if k not in now), key=_background_order)
         self._compile_all(now, "Compiling step programs")
         if later:
             self.multi_step_ready.clear()
-            self._background = BackgroundCompiler(self, later, self.multi_step_ready.set)
+            first = [k for k in later if _background_order(k) == 0]
+            self._background = BackgroundCompiler(self, later, first, self.multi_step_ready.set)
 
     def _compile_all(self, keys: list[tuple], desc: str) -> None:
         workers = max(1, min(len(keys), os.cpu_count() or 1, 8))  # 16 were no faster on the H200 (RESULTS.md)
@@ -308,7 +311,7 @@ class ModelRunner:
         floats, ints = self._sampling_inputs(lay)
         penalty, banned = self._token_lists(sched, lay)
         flags = self.sampling.flags(lay.row_slots)
-        sampler = self._program(self._sample_key(num_seqs, flags, penalty.shape[1], banned.shape[1]))
+        sampler = self._program(self._stand_in(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1])))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
         return _handle(StepHandle(sched, out, chunks, prompt_out))
 
@@ -321,14 +324,15 @@ class ModelRunner:
         return min((k[1], k[2]) for k in list(self.executables)
                    if k[0] == "forward" and k[1] >= shape[0] and k[2] >= shape[1])
 
-    def _sample_key(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int) -> tuple:
-        """The step's sampler, or while samplers compile in the background, the compiled one that also samples at
-        random and computes logprobs: its tokens are the same (greedy rows take the argmax either way; rows that
-        did not ask for logprobs ignore them)."""
-        key = ("sample", num_seqs, flags, penalty_width, banned_width)
+    def _stand_in(self, key: tuple) -> tuple:
+        """A sampler or multi-step decode program's key, or while programs compile in the background and that one
+        is not compiled yet, the key of the compiled variant whose sampler also samples at random and computes
+        logprobs: its tokens are the same (greedy rows take the argmax either way; rows that did not ask for
+        logprobs ignore them)."""
         if self._background is None or key in self.executables:
             return key
-        wider = ("sample", num_seqs, _wider(flags), penalty_width, banned_width)
+        at = _FLAGS_AT[key[0]]
+        wider = (*key[:at], _wider(key[at]), *key[at + 1:])
         return wider if wider in self.executables else key
 
     def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
@@ -341,7 +345,8 @@ class ModelRunner:
         self.padding.record(sub_steps, num_seqs * sched.num_steps, sub_steps, num_seqs * sched.num_steps)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
         floats, ints = self._sampling_inputs(lay)
-        program = self._program(("decode", num_seqs, sched.num_steps, self.sampling.flags(lay.row_slots)))
+        program = self._program(self._stand_in(("decode", num_seqs, sched.num_steps,
+                                                self.sampling.flags(lay.row_slots))))
         self.kv_caches, self.slot_tokens, out = program(self.model.params, self.kv_caches, self.page_tables,
                                                         self.slot_tokens, lay.token_ids, seq_ints, floats, ints)
         return _handle(StepHandle(sched, out))
@@ -395,20 +400,37 @@ class ModelRunner:
         return penalty, banned
 
 
+_FLAGS_AT = {"sample": 2, "decode": 3}  # where a program key holds its SamplerFlags
+
+
 def _in_ready_set(key: tuple, first_token_sizes) -> bool:
     """Whether `warm_up(background=True)` compiles program `key` before it returns: the forward programs of
     `first_token_sizes`, the samplers that sample at random and compute logprobs (one with and one without
-    filters per sequence bucket: `_sample_key`), the update and the copy; not the multi-step decodes."""
+    filters per sequence bucket: `_stand_in`), the update and the copy; not the multi-step decodes."""
     kind = key[0]
     if kind == "forward":
         return key[1] in first_token_sizes
     if kind == "sample":
-        return key[2] == _wider(key[2])
+        return _is_wide(key)
     return kind != "decode"
 
 
+def _background_order(key: tuple) -> int:
+    """Rank of a program the background compiles: the multi-step decodes that stand in for the others (0), the
+    forward buckets (1), the samplers (2), the other decodes (3)."""
+    kind = key[0]
+    if kind == "decode":
+        return 0 if _is_wide(key) else 3
+    return 2 if kind == "sample" else 1
+
+
+def _is_wide(key: tuple) -> bool:
+    flags = key[_FLAGS_AT[key[0]]]
+    return flags == _wider(flags)
+
+
 def _wider(flags: SamplerFlags) -> SamplerFlags:
-    """The sampler variant that stands in for `flags` while that one compiles (same tokens: `_sample_key`)."""
+    """The sampler variant that stands in for `flags` while that one compiles (same tokens: `_stand_in`)."""
     return SamplerFlags(True, flags.filter, True)
 
 
@@ -427,9 +449,9 @@ def _banned(req: Request, position: int) -> list[int]:
 
 
 class BackgroundCompiler:
-    """Compiles `keys` into `runner.executables` in `THREADS` threads, in order, then calls `on_done`. A worker
-    stops between programs once the main thread has ended (interpreter exit waits only for the programs in
-    progress).
+    """Compiles `keys` into `runner.executables` in `THREADS` threads, in order, and calls `on_first` once every
+    key of `first` is compiled (never when one of them failed: the steps keep their fallback). A worker stops
+    between programs once the main thread has ended (interpreter exit waits only for the programs in progress).
 
     Tracing and lowering hold the GIL, which the engine thread needs for every step it runs meanwhile: each time
     it takes the GIL back (after every device call or wait) it waits for the running thread to hand it over, up
@@ -442,11 +464,13 @@ class BackgroundCompiler:
     THREADS = 2
     SWITCH_INTERVAL = 1e-4  # seconds
 
-    def __init__(self, runner: ModelRunner, keys: list[tuple], on_done):
-        self._runner, self._keys, self._on_done = runner, list(keys), on_done
+    def __init__(self, runner: ModelRunner, keys: list[tuple], first: list[tuple], on_first):
+        self._runner, self._keys, self._on_first = runner, list(keys), on_first
         self._lock = threading.Lock()
-        self._left, self._failed = len(self._keys), False
+        self._left, self._first, self._num_first, self._failed = len(self._keys), set(first), len(first), False
         self._start = time.perf_counter()
+        if not self._first:
+            on_first()
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_interval, self.SWITCH_INTERVAL))
         workers = max(1, min(len(keys), self.THREADS))
@@ -467,12 +491,20 @@ class BackgroundCompiler:
             try:
                 key, program = self._runner._compile(key)
                 self._runner.executables[key] = program
+                ok = True
             except Exception:  # noqa: BLE001  the step keeps its fallback (a larger bucket, single steps)
                 logger.exception("Background compilation of step program %s failed", key)
-                self._failed = True
+                self._failed, ok = True, False
             with self._lock:
                 self._left -= 1
                 done = self._left == 0
+                first_done = ok and key in self._first and len(self._first) == 1
+                if ok:
+                    self._first.discard(key)
+            if first_done:
+                logger.info("Background compilation: the first %d programs compiled %.1f s after ready.",
+                            self._num_first, time.perf_counter() - self._start)
+                self._on_first()
             if done:
                 sys.setswitchinterval(self._switch_interval)
                 if self._failed:
@@ -481,7 +513,6 @@ class BackgroundCompiler:
                     return
                 logger.info("Background compilation done: all step programs compiled %.1f s after ready.",
                             time.perf_counter() - self._start)
-                self._on_done()
 
     def join(self) -> None:
         for t in self._threads:

@@ -1,5 +1,6 @@
 """warm_up(background=True): ready with a set of programs that runs every step, the rest compiled afterwards;
-steps run in the smallest compiled bucket that holds them, and as single steps until the multi-step decodes exist.
+steps run in the smallest compiled bucket that holds them, as single steps until the stand-in multi-step decodes
+exist, then with those until their own are compiled.
 The embedded SmolLM2-135M-Instruct (fp32, CPU) against HF transformers' greedy tokens."""
 
 import sys
@@ -23,8 +24,8 @@ pytestmark = needs_fixture
 class _Held:
     """Stands in for BackgroundCompiler: records the keys left to the background and compiles none of them."""
 
-    def __init__(self, runner, keys, on_done):
-        self.keys = keys
+    def __init__(self, runner, keys, first, on_first):
+        self.keys, self.first = keys, first
 
     def join(self):
         pass
@@ -43,6 +44,8 @@ def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_progr
     assert _forwards(runner) == [(16, 8), (64, 8)]
     assert sorted(k[1] for k in runner._background.keys if k[0] == "forward") == [32]
     assert len([k for k in runner._background.keys if k[0] == "decode"]) == 6  # 1 sequence bucket x 6 samplers
+    wide = {("decode", 8, 4, SamplerFlags(True, False, True)), ("decode", 8, 4, SamplerFlags(True, True, True))}
+    assert set(runner._background.keys[:2]) == set(runner._background.first) == wide  # compiled first
     assert {k[2] for k in runner.executables if k[0] == "sample"} == {SamplerFlags(True, False, True),
                                                                      SamplerFlags(True, True, True)}
     assert len([k for k in runner._background.keys if k[0] == "sample"]) == 4
@@ -61,6 +64,35 @@ def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_progr
     runner._background = None  # as if the background compile were done: each step's own programs, compiled now
     assert _seeded(llm) == seeded
     assert ("sample", 8, SamplerFlags(True, False, False), 1, BANNED_MIN) in runner.executables
+
+
+class _FirstOnly(_Held):
+    """Stands in for BackgroundCompiler: compiles only the programs multi-step steps wait for, then lets them run."""
+
+    def __init__(self, runner, keys, first, on_first):
+        super().__init__(runner, keys, first, on_first)
+        for key in first:
+            runner.executables[key] = runner._compile(key)[1]
+        on_first()
+
+
+def test_multi_step_decodes_run_with_the_wider_sampler_until_their_own_is_compiled(monkeypatch):
+    monkeypatch.setattr(runner_module, "BackgroundCompiler", _FirstOnly)
+    llm = LLM(**ENGINE_KW)
+    engine = llm.llm_engine
+    runner = engine.runner
+    engine.warm_up(background=True)
+    assert runner.multi_step_ready.is_set()
+    wide = SamplerFlags(True, False, True)
+    assert {k[3] for k in runner.executables if k[0] == "decode"} == {wide, SamplerFlags(True, True, True)}
+    used, program = [], runner._program
+    monkeypatch.setattr(runner, "_program", lambda key: used.append(key) or program(key))
+    assert_greedy_matches_hf(llm)  # greedy rows in the decode that also samples at random and computes logprobs
+    seeded = _seeded(llm)
+    assert used.count(("decode", 8, 4, wide)) >= 2 and not [k for k in used if k[0] == "decode" and k[3] != wide]
+    runner._background = None  # as if the background compile were done: each decode's own sampler, compiled now
+    assert _seeded(llm) == seeded
+    assert ("decode", 8, 4, SamplerFlags(True, False, False)) in used
 
 
 def _seeded(llm) -> list[list[int]]:
@@ -96,16 +128,18 @@ class _Gated:
         return key, object()
 
 
-@pytest.mark.parametrize("keys, ready", [([("a",), ("b",), ("c",)], True), ([("a",), ("bad",), ("c",)], False)])
-def test_background_compiles_shorten_the_gil_switch_interval_until_done(keys, ready):
+@pytest.mark.parametrize("keys, first, ready", [([("a",), ("b",), ("c",)], [("a",), ("c",)], True),
+                                                ([("a",), ("bad",), ("c",)], [("a",)], True),
+                                                ([("a",), ("bad",), ("c",)], [("bad",), ("c",)], False)])
+def test_background_compiles_shorten_the_gil_switch_interval_until_done(keys, first, ready):
     before = sys.getswitchinterval()
     runner, done = _Gated(), threading.Event()
-    compiler = runner_module.BackgroundCompiler(runner, keys, done.set)
+    compiler = runner_module.BackgroundCompiler(runner, keys, first, done.set)
     assert sys.getswitchinterval() == pytest.approx(runner_module.BackgroundCompiler.SWITCH_INTERVAL)
     runner.release.set()
     compiler.join()
     assert sys.getswitchinterval() == before
-    assert done.is_set() == ready  # a failed program keeps its fallback: multi-step decodes stay off
+    assert done.is_set() == ready  # a failed program of `first` keeps its fallback: multi-step decodes stay off
     assert sorted(runner.executables) == sorted(k for k in keys if k != ("bad",))
 
 
@@ -113,7 +147,7 @@ def test_background_compile_threads_are_not_daemons_even_when_started_by_one():
     """The server starts them from its (daemon) engine thread; a daemon killed mid-compile at exit aborts."""
     runner, made = _Gated(), []
     starter = threading.Thread(target=lambda: made.append(
-        runner_module.BackgroundCompiler(runner, [("a",), ("b",)], lambda: None)), daemon=True)
+        runner_module.BackgroundCompiler(runner, [("a",), ("b",)], [], lambda: None)), daemon=True)
     starter.start()
     starter.join()
     assert [t.daemon for t in made[0]._threads] == [False, False]
