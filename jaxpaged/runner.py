@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxpaged.background_compile import BackgroundCompiler, background_order, in_ready_set, wider_key
 from jaxpaged.buckets import Buckets
 from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.input_batch import InputBatch, StepLayout
@@ -216,7 +216,7 @@ class ModelRunner:
         smallest compiled bucket that holds it, with at most 2x its tokens), two samplers per sequence bucket
         (random sampling and logprobs on, filters on or off: `_stand_in`), the update and the copy. The other
         forward buckets and samplers and the multi-step decodes compile in background threads and are used as
-        each one is done (`_background_order`): first the multi-step decodes of the two samplers above, after
+        each one is done (`background_order`): first the multi-step decodes of the two samplers above, after
         which steps may be multi-step (`multi_step_ready`; a decode whose own sampler is not compiled yet runs with
         the wider one, as single steps do), then the other forward buckets, samplers and decodes. Outputs do not
         depend on which program runs a step. Sampler programs for penalty windows or long banned-token lists, and
@@ -228,12 +228,12 @@ class ModelRunner:
             keys += [("decode", s, num_decode_steps, f) for s in self.buckets.seq_sizes for f in SamplerFlags.all()]
         keys += [("update",), ("copy",)]
         keys = [k for k in keys if k not in self.executables]  # the programs `kv_budget` compiled are kept
-        now = [k for k in keys if not background or _in_ready_set(k, self.buckets.first_token_sizes)]
-        later = sorted((k for k in keys if k not in now), key=_background_order)
+        now = [k for k in keys if not background or in_ready_set(k, self.buckets.first_token_sizes)]
+        later = sorted((k for k in keys if k not in now), key=background_order)
         self._compile_all(now, "Compiling step programs")
         if later:
             self.multi_step_ready.clear()
-            first = [k for k in later if _background_order(k) == 0]
+            first = [k for k in later if background_order(k) == 0]
             self._background = BackgroundCompiler(self, later, first, self.multi_step_ready.set)
 
     def _compile_all(self, keys: list[tuple], desc: str) -> None:
@@ -326,13 +326,10 @@ class ModelRunner:
 
     def _stand_in(self, key: tuple) -> tuple:
         """A sampler or multi-step decode program's key, or while programs compile in the background and that one
-        is not compiled yet, the key of the compiled variant whose sampler also samples at random and computes
-        logprobs: its tokens are the same (greedy rows take the argmax either way; rows that did not ask for
-        logprobs ignore them)."""
+        is not compiled yet, its compiled stand-in (`wider_key`: same tokens)."""
         if self._background is None or key in self.executables:
             return key
-        at = _FLAGS_AT[key[0]]
-        wider = (*key[:at], _wider(key[at]), *key[at + 1:])
+        wider = wider_key(key)
         return wider if wider in self.executables else key
 
     def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
@@ -400,40 +397,6 @@ class ModelRunner:
         return penalty, banned
 
 
-_FLAGS_AT = {"sample": 2, "decode": 3}  # where a program key holds its SamplerFlags
-
-
-def _in_ready_set(key: tuple, first_token_sizes) -> bool:
-    """Whether `warm_up(background=True)` compiles program `key` before it returns: the forward programs of
-    `first_token_sizes`, the samplers that sample at random and compute logprobs (one with and one without
-    filters per sequence bucket: `_stand_in`), the update and the copy; not the multi-step decodes."""
-    kind = key[0]
-    if kind == "forward":
-        return key[1] in first_token_sizes
-    if kind == "sample":
-        return _is_wide(key)
-    return kind != "decode"
-
-
-def _background_order(key: tuple) -> int:
-    """Rank of a program the background compiles: the multi-step decodes that stand in for the others (0), the
-    forward buckets (1), the samplers (2), the other decodes (3)."""
-    kind = key[0]
-    if kind == "decode":
-        return 0 if _is_wide(key) else 3
-    return 2 if kind == "sample" else 1
-
-
-def _is_wide(key: tuple) -> bool:
-    flags = key[_FLAGS_AT[key[0]]]
-    return flags == _wider(flags)
-
-
-def _wider(flags: SamplerFlags) -> SamplerFlags:
-    """The sampler variant that stands in for `flags` while that one compiles (same tokens: `_stand_in`)."""
-    return SamplerFlags(True, flags.filter, True)
-
-
 def _handle(handle: StepHandle) -> StepHandle:
     """Starts the copies of the step's results to the host."""
     for leaf in jax.tree.leaves((handle.out, handle.prompt_out)):
@@ -446,74 +409,3 @@ def _banned(req: Request, position: int) -> list[int]:
     if position >= p.min_tokens:
         return []
     return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids))
-
-
-class BackgroundCompiler:
-    """Compiles `keys` into `runner.executables` in `THREADS` threads, in order, and calls `on_first` once every
-    key of `first` is compiled (never when one of them failed: the steps keep their fallback). A worker stops
-    between programs once the main thread has ended (interpreter exit waits only for the programs in progress).
-
-    Tracing and lowering hold the GIL, which the engine thread needs for every step it runs meanwhile: each time
-    it takes the GIL back (after every device call or wait) it waits for the running thread to hand it over, up
-    to the interpreter's switch interval (5 ms by default). While this compiler runs, the switch interval is
-    `SWITCH_INTERVAL` (restored when the last program is done), and few threads compile. On an H100 a server's
-    TPOT during the background compile was 21.3 ms before this and 12.8 ms after (RESULTS.md; single steps and
-    larger buckets account for part of it).
-    """
-
-    THREADS = 2
-    SWITCH_INTERVAL = 1e-4  # seconds
-
-    def __init__(self, runner: ModelRunner, keys: list[tuple], first: list[tuple], on_first):
-        self._runner, self._keys, self._on_first = runner, list(keys), on_first
-        self._lock = threading.Lock()
-        self._left, self._first, self._num_first, self._failed = len(self._keys), set(first), len(first), False
-        self._start = time.perf_counter()
-        if not self._first:
-            on_first()
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, self.SWITCH_INTERVAL))
-        workers = max(1, min(len(keys), self.THREADS))
-        logger.info("Compiling %d more step programs in %d background threads.", len(keys), workers)
-        # never daemons (a thread inherits its creator's flag; the server's engine thread is one): a daemon killed
-        # mid-compile at interpreter exit aborts the process ("terminate called ... exception not rethrown")
-        self._threads = [threading.Thread(target=self._work, name=f"jaxpaged-compile-{i}", daemon=False)
-                         for i in range(workers)]
-        for t in self._threads:
-            t.start()
-
-    def _next(self) -> tuple | None:
-        with self._lock:
-            return self._keys.pop(0) if self._keys and threading.main_thread().is_alive() else None
-
-    def _work(self) -> None:
-        while (key := self._next()) is not None:
-            try:
-                key, program = self._runner._compile(key)
-                self._runner.executables[key] = program
-                ok = True
-            except Exception:  # noqa: BLE001  the step keeps its fallback (a larger bucket, single steps)
-                logger.exception("Background compilation of step program %s failed", key)
-                self._failed, ok = True, False
-            with self._lock:
-                self._left -= 1
-                done = self._left == 0
-                first_done = ok and key in self._first and len(self._first) == 1
-                if ok:
-                    self._first.discard(key)
-            if first_done:
-                logger.info("Background compilation: the first %d programs compiled %.1f s after ready.",
-                            self._num_first, time.perf_counter() - self._start)
-                self._on_first()
-            if done:
-                sys.setswitchinterval(self._switch_interval)
-                if self._failed:
-                    logger.warning("Background compilation done with failures: steps that need the failed programs "
-                                   "keep running in larger buckets or as single steps.")
-                    return
-                logger.info("Background compilation done: all step programs compiled %.1f s after ready.",
-                            time.perf_counter() - self._start)
-
-    def join(self) -> None:
-        for t in self._threads:
-            t.join()

@@ -10,6 +10,7 @@ import pytest
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged import runner as runner_module
+from jaxpaged.background_compile import BackgroundCompiler
 from jaxpaged.sampler import SamplerFlags
 from jaxpaged.step_programs import BANNED_MIN
 from tests.engine.hf_greedy import assert_greedy_matches_hf, needs_fixture
@@ -134,8 +135,8 @@ class _Gated:
 def test_background_compiles_shorten_the_gil_switch_interval_until_done(keys, first, ready):
     before = sys.getswitchinterval()
     runner, done = _Gated(), threading.Event()
-    compiler = runner_module.BackgroundCompiler(runner, keys, first, done.set)
-    assert sys.getswitchinterval() == pytest.approx(runner_module.BackgroundCompiler.SWITCH_INTERVAL)
+    compiler = BackgroundCompiler(runner, keys, first, done.set)
+    assert sys.getswitchinterval() == pytest.approx(BackgroundCompiler.SWITCH_INTERVAL)
     runner.release.set()
     compiler.join()
     assert sys.getswitchinterval() == before
@@ -147,7 +148,7 @@ def test_background_compile_threads_are_not_daemons_even_when_started_by_one():
     """The server starts them from its (daemon) engine thread; a daemon killed mid-compile at exit aborts."""
     runner, made = _Gated(), []
     starter = threading.Thread(target=lambda: made.append(
-        runner_module.BackgroundCompiler(runner, [("a",), ("b",)], [], lambda: None)), daemon=True)
+        BackgroundCompiler(runner, [("a",), ("b",)], [], lambda: None)), daemon=True)
     starter.start()
     starter.join()
     assert [t.daemon for t in made[0]._threads] == [False, False]
