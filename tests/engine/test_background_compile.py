@@ -36,12 +36,16 @@ def _forwards(runner) -> list[tuple[int, int]]:
     return sorted(k[1:] for k in runner.executables if k[0] == "forward")
 
 
-def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_programs_exist(monkeypatch):
-    monkeypatch.setattr(runner_module, "BackgroundCompiler", _Held)
+def _warm_up_with(monkeypatch, compiler):
+    """An LLM warmed up in the background with `compiler` standing in for BackgroundCompiler; (llm, its runner)."""
+    monkeypatch.setattr(runner_module, "BackgroundCompiler", compiler)
     llm = LLM(**ENGINE_KW)
-    engine = llm.llm_engine
-    runner = engine.runner
-    engine.warm_up(background=True)
+    llm.llm_engine.warm_up(background=True)
+    return llm, llm.llm_engine.runner
+
+
+def test_steps_run_in_larger_buckets_and_single_steps_until_the_background_programs_exist(monkeypatch):
+    llm, runner = _warm_up_with(monkeypatch, _Held)
     assert _forwards(runner) == [(16, 8), (64, 8)]
     assert sorted(k[1] for k in runner._background.keys if k[0] == "forward") == [32]
     assert len([k for k in runner._background.keys if k[0] == "decode"]) == 6  # 1 sequence bucket x 6 samplers
@@ -78,11 +82,7 @@ class _FirstOnly(_Held):
 
 
 def test_multi_step_decodes_run_with_the_wider_sampler_until_their_own_is_compiled(monkeypatch):
-    monkeypatch.setattr(runner_module, "BackgroundCompiler", _FirstOnly)
-    llm = LLM(**ENGINE_KW)
-    engine = llm.llm_engine
-    runner = engine.runner
-    engine.warm_up(background=True)
+    llm, runner = _warm_up_with(monkeypatch, _FirstOnly)
     assert runner.multi_step_ready.is_set()
     wide = SamplerFlags(True, False, True)
     assert {k[3] for k in runner.executables if k[0] == "decode"} == {wide, SamplerFlags(True, True, True)}
