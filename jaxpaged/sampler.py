@@ -68,14 +68,14 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> Sample
     if t.penalty_tokens.shape[1] > 1:
         logits = _apply_penalties(logits, t)
     logits = _mask_tokens(logits, t.banned_tokens)
-    token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token_ids = argmax_rows(logits)
     if flags.random:
         scaled = logits / jnp.maximum(t.temperature, _EPS)[:, None]
         if flags.filter:
             scaled = _filter(scaled, t)
         keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(t.seeds, t.positions)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], jnp.float32))(keys)
-        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        sampled = argmax_rows(scaled + gumbel)
         token_ids = jnp.where(t.temperature < _EPS, token_ids, sampled)
     num_rows = logits.shape[0]
     if not flags.logprobs:
@@ -118,8 +118,29 @@ def _apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
 
 
 def _mask_tokens(logits: jax.Array, banned: jax.Array) -> jax.Array:
-    mask = _token_mask(banned, jnp.ones(banned.shape, jnp.float32), logits.shape[1], "max") > 0
-    return jnp.where(mask, -jnp.inf, logits)
+    """-inf at each row's banned ids ([S, K], -1 = none): K writes per row, not a pass over the vocabulary."""
+    ids = jnp.where(banned >= 0, banned, logits.shape[1])  # -1 -> out of range: dropped
+    return logits.at[jnp.arange(banned.shape[0])[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+_ARGMAX_BLOCK = 128
+
+
+def argmax_rows(x: jax.Array) -> jax.Array:
+    """[S, V] -> [S] int32: the first index of each row's maximum, as `jnp.argmax`.
+
+    On CPU it is computed in blocks of `_ARGMAX_BLOCK` (each block's max, the first block holding the row's max,
+    the first index of the max in it): XLA:CPU's argmax is a two-operand reduction that does not vectorise, and on
+    2 cores it took 6.5 ms for [32, 49152] where the blocked form took 1.0 ms and a plain max 0.2 ms.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    rows, vocab = x.shape
+    x = jnp.pad(x, ((0, 0), (0, -vocab % _ARGMAX_BLOCK)), constant_values=-jnp.inf)
+    blocks = x.reshape(rows, -1, _ARGMAX_BLOCK)  # [S, V / B, B]
+    block = jnp.argmax(blocks.max(axis=-1), axis=-1)  # [S]
+    within = jnp.argmax(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0], axis=-1)  # [S]
+    return (block * _ARGMAX_BLOCK + within).astype(jnp.int32)
 
 
 def _filter(scaled: jax.Array, t: SamplingTensors) -> jax.Array:

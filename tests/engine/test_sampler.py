@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxpaged.sampler import SamplerFlags, sample
+from jaxpaged.sampler import SamplerFlags, argmax_rows, sample
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows, unpack_tensors
 from jaxpaged.sampling_params import SamplingParams
 
@@ -113,3 +114,13 @@ def test_minimal_flags_sample_the_same_tokens_as_all_work_enabled():
     greedy_rows = [rows[0], rows[4]]
     assert (run(logits[[0, 4]], greedy_rows).token_ids.tolist()
             == run(logits[[0, 4]], greedy_rows, SamplerFlags(True, True, True)).token_ids.tolist())
+
+
+@pytest.mark.parametrize("vocab", [7, 128, 1000, 49152])
+def test_argmax_rows_is_argmax_with_ties_and_masked_rows(vocab):
+    x = np.random.default_rng(vocab).standard_normal((4, vocab)).astype(np.float32)
+    x[0] = -np.inf  # every token banned: index 0, as jnp.argmax
+    x[1, [2, vocab - 1]] = 50.0  # a tie across blocks: the first index
+    x[2, vocab - 1] = 50.0  # the last token, in the padded block when the vocabulary is not a multiple of 128
+    got = jax.jit(argmax_rows)(jnp.asarray(x))
+    assert got.tolist() == np.argmax(x, axis=-1).tolist() and got.tolist()[:3] == [0, 2, vocab - 1]
