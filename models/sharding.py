@@ -1,9 +1,10 @@
 """Tensor parallelism: a 1-D device mesh (axis "model") and Megatron-style shardings of a Llama model and its pool.
 
 The shardings are declared once, in `PARAM_RULES` (parameter path pattern -> PartitionSpec of the [in, out] Flax
-kernel): q/k/v/gate/up column-parallel (fused or not: `fusion.py` lays the fused kernels out per device), o/down row-parallel, embedding and LM head vocab-parallel, norms
-replicated. The page pool is split over its KV-head axis (`POOL_SPEC`), and attention runs under `shard_map` on
-each device's heads (see `LlamaModel`); GSPMD inserts the all-reduces after o_proj and down_proj.
+kernel): q/k/v/gate/up column-parallel (fused or not: `fusion.py` lays the fused kernels out per device),
+o/down row-parallel, embedding and LM head vocab-parallel, norms replicated. The page pool is split over its
+KV-head axis (`POOL_SPEC`), and attention runs under `shard_map` on each device's heads (see `LlamaModel`); GSPMD
+inserts the all-reduces after o_proj and down_proj.
 
 When the tensor-parallel size N exceeds the model's KV heads, each KV head is replicated over N / num_kv_heads
 devices (vLLM's rule): `shard_model` repeats the k/v projection columns head by head, so that every device holds
