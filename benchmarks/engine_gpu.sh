@@ -9,7 +9,9 @@
 # $OUT/server.log); profile-kN: 20 warm-up steps (the
 # prefills) then 10 profiled multi-steps; serve-1b-kN: benchmarks/serving.py --launch with the throughput run's
 # engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log;
-# serve-8b-kN: the same with Llama-3.1-8B)
+# serve-8b-kN: the same with Llama-3.1-8B; serve-ragged-1b-kN: nano-vllm's ragged workload against a server that
+# compiled everything before ready, all at once and then at 80 % of that request throughput; decode-kN-bB: the
+# bare decode step of B sequences on that server's engine shape, under the profiler)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -18,6 +20,7 @@ mkdir -p "$OUT"
 T="python3 $root/benchmarks/throughput.py"
 FIXED="--num-prompts 256 --input-len 512 --output-len 128 --max-model-len 1024"
 RAGGED="--dataset nano-vllm --max-model-len 2048"
+SHAPE="--max-num-seqs 256 --max-num-batched-tokens 8192"
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
@@ -47,6 +50,13 @@ for s in "$@"; do
       --dtype bfloat16 --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
       --num-scheduler-steps $k --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
       --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;
+    serve-ragged-1b-k*) step "$s" 420 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b \
+      --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps ${s#serve-ragged-1b-k} \
+      --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm --num-prompts 512 \
+      --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
+    decode-k*-b*) k=${s#decode-k}; step "$s" 300 python3 "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" \
+      --input-len 562 --output-len 256 --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" \
+      --warmup-steps 24 --profile-steps 10 ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
     ragged) step ragged 300 $T $RAGGED ;;

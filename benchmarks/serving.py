@@ -3,13 +3,18 @@
     python benchmarks/serving.py --num-prompts 200 --request-rate 16 --max-concurrency 64 \
         --random-input-len 512 --random-output-len 128 --random-range-ratio 0.5 [--host H --port P]
     python benchmarks/serving.py --launch "--model llama-3.2-1b --load-format dummy --dtype bfloat16" ...
+    python benchmarks/serving.py --dataset nano-vllm --num-prompts 512 --rate-fraction 0.8 ...
 
 Streams every request from /v1/completions (prompt as token ids, ignore_eos, max_tokens = its output length,
 stream_options.include_usage). Requests arrive as a Poisson process of --request-rate per second (inf: all at
 once), at most --max-concurrency in flight. Metrics as vLLM's: TTFT is the time to the first chunk with non-empty
 `choices` (its text may be empty, as it is for a model without a tokenizer), ITL the gaps between such chunks, E2EL
 the time to the last one, TPOT = (E2EL - TTFT) / (output tokens - 1), output tokens from the usage chunk. One
-untimed request goes first (vLLM's initial test run; it also warms the server).
+untimed request goes first (vLLM's initial test run; it also warms the server). While a run lasts, /metrics is read
+every 0.1 s for `vllm:num_requests_running` (mean and median reported: the batch size the TPOT was measured at).
+
+--rate-fraction F runs the workload twice: first all at once (the server's maximum request throughput), then with
+Poisson arrivals at F times the request throughput just measured (e.g. 0.8: serving at 80 % of the maximum).
 
 --launch ARGS starts `python -m jaxpaged.server ARGS --host --port` (log: $OUT/server.log or
 /tmp/jaxpaged_server.log), reports the seconds until /health is 200, runs, then stops it (--timed-server: through
@@ -33,7 +38,9 @@ import numpy as np
 
 from results import emit
 from sse_http import SSEParser, stream_post
-from workloads import BenchRequest, random_requests, workload_summary
+from workloads import BenchRequest, nano_vllm_requests, random_requests, workload_summary
+
+RUNNING_METRIC = "vllm:num_requests_running"
 
 
 @dataclasses.dataclass
@@ -128,9 +135,32 @@ async def send_request(args, model: str, req: BenchRequest) -> RequestResult:
     return result
 
 
-async def run_benchmark(args, model: str, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
-    """Sends `requests` at Poisson arrival times (rate --request-rate, seeded), at most --max-concurrency at once;
-    returns their results and the run's wall seconds."""
+def gauge_value(metrics_text: str, name: str) -> float | None:
+    """The value of the first sample of gauge `name` in a Prometheus text exposition, None when absent."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def poll_running(args, samples: list[float], stop: asyncio.Event) -> None:
+    """Appends the server's running-request count to `samples` every 0.1 s until `stop` is set."""
+    while not stop.is_set():
+        status, body = await asyncio.to_thread(http_get, args, "/metrics", 2.0)
+        value = gauge_value(body.decode(errors="replace"), RUNNING_METRIC) if status == 200 else None
+        if value is not None:
+            samples.append(value)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.1)
+        except TimeoutError:
+            pass
+
+
+async def run_benchmark(args, model: str, requests: list[BenchRequest],
+                        rate: float) -> tuple[list[RequestResult], float, list[float]]:
+    """Sends `requests` at Poisson arrival times (`rate` per second, seeded; inf: all at once), at most
+    --max-concurrency at once; returns their results, the run's wall seconds and the running-request counts
+    sampled meanwhile."""
     rng = np.random.default_rng(args.seed)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
@@ -140,13 +170,18 @@ async def run_benchmark(args, model: str, requests: list[BenchRequest]) -> tuple
         async with limit:
             return await send_request(args, model, req)
 
+    samples, stop = [], asyncio.Event()
+    poller = asyncio.create_task(poll_running(args, samples, stop))
     start, tasks = time.perf_counter(), []
     for req in requests:
         tasks.append(asyncio.create_task(limited(req)))
-        if args.request_rate != float("inf"):
-            await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.exponential(1.0 / rate))
     results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start
+    duration = time.perf_counter() - start
+    stop.set()
+    await poller
+    return results, duration, samples
 
 
 def http_get(args, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -201,20 +236,37 @@ def served_model(args) -> str:
     return json.loads(body)["data"][0]["id"]
 
 
-def benchmark(args) -> dict:
-    """The initial test request, then the timed run; prints the report and returns the metrics."""
-    model = served_model(args)
-    requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.vocab_size, args.seed)
-    test = asyncio.run(send_request(args, model, requests[0]))
-    if not test.success:
-        raise RuntimeError(f"the initial test request failed: {test.error or 'no output'}")
-    results, duration = asyncio.run(run_benchmark(args, model, requests))
+def bench_requests(args) -> list[BenchRequest]:
+    """--dataset's requests: vLLM's random dataset or nano-vllm's ragged workload."""
+    if args.dataset == "nano-vllm":
+        return nano_vllm_requests(args.num_prompts, args.vocab_size, args.seed)
+    return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+                           args.random_range_ratio, args.vocab_size, args.seed)
+
+
+def timed_run(args, model: str, requests: list[BenchRequest], rate: float) -> dict:
+    """One timed run at `rate` requests/s; prints the report and returns the metrics."""
+    results, duration, running = asyncio.run(run_benchmark(args, model, requests, rate))
     metrics = compute_metrics(results, duration)
     print_report(metrics, args.max_concurrency)
     errors = sorted({r.error for r in results if r.error})[:3]
-    return {"model": model, **metrics, "errors": errors, "workload": workload_summary(requests),
-            "args": vars(args)}
+    return {"model": model, "request_rate": rate, **metrics,
+            "mean_running": float(np.mean(running)) if running else None,
+            "median_running": float(np.median(running)) if running else None,
+            "errors": errors, "workload": workload_summary(requests), "args": vars(args)}
+
+
+def benchmark(args) -> list[dict]:
+    """The initial test request, then the timed run (two with --rate-fraction); returns their metrics."""
+    model = served_model(args)
+    requests = bench_requests(args)
+    test = asyncio.run(send_request(args, model, requests[0]))
+    if not test.success:
+        raise RuntimeError(f"the initial test request failed: {test.error or 'no output'}")
+    if args.rate_fraction is None:
+        return [timed_run(args, model, requests, args.request_rate)]
+    saturated = timed_run(args, model, requests, float("inf"))
+    return [saturated, timed_run(args, model, requests, args.rate_fraction * saturated["request_throughput"])]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -224,13 +276,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--endpoint", default="/v1/completions")
     p.add_argument("--model", default=None, help="default: the first model of /v1/models")
     p.add_argument("--api-key", default=os.environ.get("JAXPAGED_API_KEY"))
-    p.add_argument("--dataset", choices=("random",), default="random")
+    p.add_argument("--dataset", choices=("random", "nano-vllm"), default="random",
+                   help="nano-vllm: prompt and output lengths uniform in 100..1024 (--random-* ignored)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=0.0)
     p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below min(this, 30000)")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    p.add_argument("--rate-fraction", type=float, default=None,
+                   help="run all at once first, then at this fraction of the measured request throughput")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--launch", default=None, metavar="SERVER_ARGS",
@@ -238,7 +293,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=1200.0, help="seconds to wait for /health (--launch)")
     p.add_argument("--timed-server", action="store_true",
                    help="--launch through benchmarks/timed_server.py: timestamped log lines, start-up phases")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rate_fraction is not None and not 0.0 < args.rate_fraction <= 1.0:
+        p.error(f"--rate-fraction must be in (0, 1], got {args.rate_fraction}")
+    return args
 
 
 def main() -> None:
@@ -248,7 +306,8 @@ def main() -> None:
         proc, ready_s = launch_server(args)
         emit({"part": "server_ready", "seconds": ready_s, "launch": args.launch}, "serving")
     try:
-        emit(benchmark(args), "serving")
+        for record in benchmark(args):
+            emit(record, "serving")
     finally:
         if proc is not None:
             stop_server(proc)

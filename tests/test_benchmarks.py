@@ -87,6 +87,22 @@ def test_compute_metrics_counts_successes_and_takes_vllm_percentiles():
     assert (m["mean_e2el_ms"], m["median_e2el_ms"]) == pytest.approx((250, 250))
 
 
+def test_gauge_value_reads_the_running_count_from_prometheus_text():
+    text = ("# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running_x{model_name="m"} 9.0\n'
+            'vllm:num_requests_running{model_name="m"} 37.0\n')
+    assert serving.gauge_value(text, serving.RUNNING_METRIC) == 37.0
+    assert serving.gauge_value("vllm:num_requests_waiting 2.0\n", serving.RUNNING_METRIC) is None
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_rate_fraction_outside_0_1_is_refused(fraction, capsys):
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--rate-fraction", fraction])
+    assert "--rate-fraction must be in (0, 1]" in capsys.readouterr().err
+
+
 STREAM = 'data: {"t": "é"}\r\n\r\n: ping\n\nevent: x\ndata: a\ndata: b\n\ndata: [DONE]\n\n'.encode()
 
 
