@@ -23,13 +23,22 @@ def device_free_bytes(gpu_memory_utilization: float) -> int:
     unset); `gpu_memory_utilization` is the share of that the engine plans for, the rest stays free for XLA's
     autotuning and workspace.
     """
-    stats = jax.local_devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit", 0)
+    limit, in_use = _memory_limit_and_use()
     if not limit:
         raise RuntimeError("cannot read device memory; set num_gpu_blocks_override or kv_cache_memory_bytes")
-    in_use = stats.get("bytes_in_use", 0)
     logger.info("Device memory for JAX: %.2f GiB; weights %.2f GiB.", limit / 2**30, in_use / 2**30)
     return int(limit * gpu_memory_utilization - in_use)
+
+
+def device_unused_bytes() -> int | None:
+    """JAX's memory limit on the first local device minus what is in use now; None when the device does not say."""
+    limit, in_use = _memory_limit_and_use()
+    return limit - in_use if limit else None
+
+
+def _memory_limit_and_use() -> tuple[int, int]:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
 
 
 def num_pages_for(*, override: int | None, kv_bytes: int | None, per_page: int, backend: str, max_num_seqs: int,

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from jaxpaged.background_compile import BackgroundCompiler, background_order, in_ready_set, wider_key
 from jaxpaged.buckets import Buckets
+from jaxpaged.compile_memory import CompileMemory, autotune_bytes
 from jaxpaged.executable_cache import ExecutableCache
 from jaxpaged.input_batch import InputBatch, StepLayout
+from jaxpaged.kv_pool import device_unused_bytes
 from jaxpaged.metrics import PaddingStats
 from jaxpaged.models import LoadedModel
 from jaxpaged.models.sharding import pool_sharding, replicated
@@ -35,8 +37,8 @@ from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
 from jaxpaged.scheduler import SchedulerOutput
-from jaxpaged.step_programs import (BANNED_MIN, copy_pages, decode_steps, forward_step, prompt_logprobs_step,
-                                    sample_step, split_steps, update_tables)
+from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
+                                    prompt_logprobs_step, sample_step, split_steps, update_tables)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class ModelRunner:
         self.update_fn = self._jit(update_tables, (0,), "r")
         self.copy_fn = self._jit(copy_pages, (0,), "p")
         self.executables: dict[tuple, jax.stages.Compiled] = {}  # program key -> compiled program
+        self.compile_memory = CompileMemory()  # bounded once the pool exists (`allocate_kv_pool`)
+        self._reserved = 0  # bytes `kv_budget` kept free for the steps' activations
         self.multi_step_ready = threading.Event()  # cleared while multi-step decodes compile in the background
         self.multi_step_ready.set()
         self._background: BackgroundCompiler | None = None
@@ -122,6 +126,11 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding),
                            jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding))
                           for _ in range(self.model.config.num_hidden_layers)]
+        unused = device_unused_bytes() if jax.default_backend() == "gpu" else None
+        if unused is not None:  # compiles from now on share what the pool and the activations leave free
+            capacity = max(unused - self._reserved, 1)  # 1: one compile at a time
+            self.compile_memory.limit(capacity)
+            logger.info("Compiles may take %.2f GiB at once for XLA's autotuning.", capacity / 2**30)
 
     def kv_budget(self, free_bytes: int, per_page: int) -> int:
         """Bytes for the pool on an accelerator: `free_bytes` minus the activation peak, the temporary memory of
@@ -142,7 +151,7 @@ class ModelRunner:
         key = ("forward", num_tokens, num_seqs)
         forward = self._compile(key, self._pool_specs(max(pages, 2)))[1]
         peak = max(forward.memory_analysis().temp_size_in_bytes, sampler_peak)
-        reserved = bound if pages > 2 and peak <= bound else peak
+        reserved = self._reserved = bound if pages > 2 and peak <= bound else peak
         kv = free_bytes - reserved
         if kv // per_page == pages:
             self.executables[key] = forward
@@ -199,12 +208,16 @@ class ModelRunner:
             start = time.perf_counter()
             lowered = lower(*shape)
             lowered_at = time.perf_counter()
-            program = lowered.compile()
+            with self.compile_memory.hold(self._autotune_bytes(key)):
+                program = lowered.compile()
             logger.debug("Step program %s: traced and lowered in %.2f s, compiled in %.2f s", key,
                          lowered_at - start, time.perf_counter() - lowered_at)
             return program
 
         return key, self.executable_cache.get((*key, pool), build)
+
+    def _autotune_bytes(self, key: tuple) -> int:
+        return autotune_bytes(self.model.config, key, np.dtype(self.model.dtype).itemsize, PROMPT_CHUNK)
 
     def warm_up(self, num_decode_steps: int = 1, background: bool = False) -> None:
         """Compiles (or loads from the persistent cache) every forward bucket, the sampler variants of every
