@@ -6,12 +6,14 @@
 A decode-heavy workload (default 256 requests x 512 prompt tokens x 128 output tokens, dummy bf16 Llama-3.2-1B)
 is queued at once; after --warmup-steps steps (the prefills, by default) the next --profile-steps steps run under
 `jax.profiler.trace(DIR, create_perfetto_trace=True)`, each inside a "jaxpaged_step" trace annotation and timed
-with perf_counter. The device busy fraction is the union of GPU kernel intervals over the annotated window
+with perf_counter; the time each step waits in `StepHandle.result()` for the device is timed too, and the rest of
+the step is its host work (issue 11's "host work per step"). The device busy fraction is the union of GPU kernel intervals over the annotated window
 (trace_busy.py); on a CPU there is no device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's
 CPU work). Prints one JSON line (also appended to $OUT/step_profile.jsonl when $OUT is set).
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -32,23 +34,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     return finish_args(p.parse_args(argv))
 
 
-def profiled_steps(engine, num_steps: int, trace_dir: str, python_tracer: bool) -> tuple[list[float], float]:
-    """Runs up to `num_steps` engine steps under the profiler; returns each step's seconds and the window's.
-    Without `python_tracer` the trace holds no Python function events (they would dwarf the rest)."""
+@contextlib.contextmanager
+def timed_waits(waits: list[float]):
+    """Appends the seconds of every `StepHandle.result()` (the host waiting for a step's sampled ids) to
+    `waits` while the block runs."""
+    from jaxpaged.runner import StepHandle
+
+    result = StepHandle.result
+
+    def timed(handle):
+        t = time.perf_counter()
+        try:
+            return result(handle)
+        finally:
+            waits.append(time.perf_counter() - t)
+
+    StepHandle.result = timed
+    try:
+        yield
+    finally:
+        StepHandle.result = result
+
+
+def profiled_steps(engine, num_steps: int, trace_dir: str,
+                   python_tracer: bool) -> tuple[list[float], list[float], float]:
+    """Runs up to `num_steps` engine steps under the profiler; returns each step's seconds, the seconds of each
+    step spent waiting for the device, and the window's. Without `python_tracer` the trace holds no Python
+    function events (they would dwarf the rest)."""
     import jax
 
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = int(python_tracer)
-    times = []
+    times, waits = [], []
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
         start = time.perf_counter()
         while len(times) < num_steps and engine.has_unfinished_requests():
-            with jax.profiler.TraceAnnotation("jaxpaged_step"):
+            step_waits = []
+            with jax.profiler.TraceAnnotation("jaxpaged_step"), timed_waits(step_waits):
                 t = time.perf_counter()
                 engine.step()
                 times.append(time.perf_counter() - t)
+            waits.append(sum(step_waits))
         wall = time.perf_counter() - start
-    return times, wall
+    return times, waits, wall
+
+
+def _mean_p50(seconds: list[float]) -> dict:
+    return {"mean": 1000 * statistics.fmean(seconds), "p50": 1000 * statistics.median(seconds)}
 
 
 def main() -> None:
@@ -70,13 +102,15 @@ def main() -> None:
         engine.add_request(f"profile-{i}", prompt, p)
     for _ in range(args.warmup_steps):
         engine.step()
-    times, wall = profiled_steps(engine, args.profile_steps, trace_dir, args.python_tracer)
+    times, waits, wall = profiled_steps(engine, args.profile_steps, trace_dir, args.python_tracer)
     if not times:
         raise SystemExit(f"all requests finished within --warmup-steps {args.warmup_steps}: nothing to profile")
     busy = busy_summary(load_trace_events(trace_dir))
     device_ms = None if busy["busy_us"] is None else busy["busy_us"] / 1000 / len(times)
     emit({"steps": len(times), "wall_s": wall,
-          "host_ms_per_step": {"mean": 1000 * statistics.fmean(times), "p50": 1000 * statistics.median(times)},
+          "host_ms_per_step": _mean_p50(times),
+          "host_work_ms_per_step": _mean_p50([t - w for t, w in zip(times, waits)]),
+          "wait_ms_per_step": _mean_p50(waits),
           "step_ms": [round(1000 * t, 2) for t in times],
           "device_busy_fraction": busy["busy_fraction"], "device_ms_per_step": device_ms,
           "device": busy["device"] or "none: no device stream in the trace",
