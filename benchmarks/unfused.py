@@ -9,7 +9,7 @@ import sys
 
 import jaxpaged.engine
 
-jaxpaged.engine.fuse_projections = lambda model: model  # the engine calls it once after loading
+jaxpaged.engine.fuse_projections = lambda model, **_: model  # the engine calls it once after loading
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)  # throughput.py's own imports (results, roofline, workloads)
 sys.argv[0] = os.path.join(here, "throughput.py")

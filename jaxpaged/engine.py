@@ -74,7 +74,7 @@ class LLMEngine:
         self.model = load_model(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh)
         if mesh is not None:
             self.model = shard_model(self.model, mesh)
-        self.model = fuse_projections(self.model)
+        self.model = fuse_projections(self.model, release=True)  # the loaded model is not kept
         cfg = self.model.config
         self.model_name = args.served_model_name or self.model.name
         tokenizer_path = args.tokenizer or self.model.tokenizer_path

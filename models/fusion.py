@@ -21,10 +21,11 @@ from jaxpaged.models.sharding import AXIS, fitted_spec
 _GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
 
 
-def fuse_projections(model: LoadedModel) -> LoadedModel:
+def fuse_projections(model: LoadedModel, release: bool = False) -> LoadedModel:
     """`model` with fused projection kernels (and biases), laid out for its mesh; the values of every product are
     those of the separate kernels. The fused arrays are new: until `model` is dropped, the projections are held
-    twice."""
+    twice, unless `release`, which deletes each separate array once its fused one is made (the peak is then the
+    weights and one group of projections; `model` cannot be used afterwards)."""
     if model.fused:
         return model
     tp = 1 if model.mesh is None else model.mesh.shape[AXIS]
@@ -37,6 +38,9 @@ def fuse_projections(model: LoadedModel) -> LoadedModel:
                 separate = [sub.pop(p) for p in parts]
                 sub[fused] = {leaf: _side_by_side(tp, model.mesh, f"model/{name}/{block}/{fused}/{leaf}",
                                                   *[s[leaf] for s in separate]) for leaf in separate[0]}
+                if release:
+                    for array in (a for s in separate for a in s.values()):
+                        array.delete()
                 layer[block] = sub
         layers[name] = layer
     params = {**model.params, "model": layers}

@@ -40,3 +40,17 @@ def test_each_device_holds_its_own_heads_of_q_k_and_v():
     for d, shard in enumerate(shards):
         want = np.concatenate([q[:, d * nq:(d + 1) * nq], k[:, d * nkv:(d + 1) * nkv], v[:, d * nkv:(d + 1) * nkv]], 1)
         np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
+def test_release_deletes_the_separate_kernels_and_keeps_the_logits():
+    model = load_model(os.path.join(FIXTURES, "qwen2_bias_gqa"), dtype="float32")
+    before = PagedBatch(model, [len(p) + 2 for p in PROMPTS]).step(PROMPTS)
+    layer = model.params["model"]["layers_0"]
+    separate = [layer[block][part][leaf] for block, part in (("self_attn", "q_proj"), ("self_attn", "v_proj"),
+                                                              ("mlp", "up_proj")) for leaf in layer[block][part]]
+    fused = fuse_projections(model, release=True)
+    assert all(a.is_deleted() for a in separate)
+    assert not layer["self_attn"]["o_proj"]["kernel"].is_deleted()  # shared with the fused model
+    after = PagedBatch(fused, [len(p) + 2 for p in PROMPTS]).step(PROMPTS)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
