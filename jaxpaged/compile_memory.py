@@ -4,13 +4,20 @@ and output, each with 8 MiB red zones on both sides, allocated beside the weight
 Eight threads compiling the samplers of Llama-3.1-8B (a 1 GiB LM head, 1,018 MiB per autotuning buffer) need about
 9 GiB at once, more than the pool leaves free on an 80 GB card at `gpu_memory_utilization=0.9`: XLA then fails the
 compile (RESOURCE_EXHAUSTED) or keeps an untuned kernel. `CompileMemory` lets compiles start only while their
-estimated autotuning buffers (`autotune_bytes`) fit what the pool and the activations leave free.
+estimated autotuning buffers (`autotune_bytes`) fit what the pool and the activations leave free, and compiles
+one that still runs out of memory again, alone.
 """
 
 import contextlib
+import logging
 import threading
+from collections.abc import Callable
+
+import jax
 
 from jaxpaged.models import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 REDZONE = 8 << 20  # XLA's --xla_gpu_redzone_padding_bytes default, on each side of each autotuning buffer
 
@@ -77,3 +84,24 @@ class CompileMemory:
             with self._cond:
                 self._held -= need
                 self._cond.notify_all()
+
+    def compile(self, fn: Callable, nbytes: int, what: str):
+        """fn() (an XLA compile) holding `nbytes`; when XLA runs out of device memory beside other compiles, fn()
+        again once no other compile holds memory. Out of memory alone: an error that says what to lower."""
+        try:
+            with self.hold(nbytes):
+                return fn()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e) or self._capacity is None:
+                raise
+        logger.warning("Out of device memory compiling %s beside other compiles; compiling it alone.", what)
+        try:
+            with self.hold(self._capacity):
+                return fn()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise RuntimeError(
+                f"Out of device memory compiling {what} alone, with {self._capacity / 2**30:.2f} GiB left beside "
+                "the weights, the KV pool and the activations: lower gpu_memory_utilization (or "
+                "max_num_batched_tokens / max_num_seqs).") from e

@@ -126,11 +126,16 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding),
                            jnp.zeros(shape, self.kv_dtype, device=self._pool_sharding))
                           for _ in range(self.model.config.num_hidden_layers)]
-        unused = device_unused_bytes() if jax.default_backend() == "gpu" else None
+        unused = self._gpu_unused_bytes()
         if unused is not None:  # compiles from now on share what the pool and the activations leave free
             capacity = max(unused - self._reserved, 1)  # 1: one compile at a time
             self.compile_memory.limit(capacity)
             logger.info("Compiles may take %.2f GiB at once for XLA's autotuning.", capacity / 2**30)
+
+    @staticmethod
+    def _gpu_unused_bytes() -> int | None:
+        """Device memory JAX has not handed out, on a GPU (where XLA autotunes GEMMs in it); None elsewhere."""
+        return device_unused_bytes() if jax.default_backend() == "gpu" else None
 
     def kv_budget(self, free_bytes: int, per_page: int) -> int:
         """Bytes for the pool on an accelerator: `free_bytes` minus the activation peak, the temporary memory of
@@ -208,8 +213,7 @@ class ModelRunner:
             start = time.perf_counter()
             lowered = lower(*shape)
             lowered_at = time.perf_counter()
-            with self.compile_memory.hold(self._autotune_bytes(key)):
-                program = lowered.compile()
+            program = self.compile_memory.compile(lowered.compile, self._autotune_bytes(key), f"step program {key}")
             logger.debug("Step program %s: traced and lowered in %.2f s, compiled in %.2f s", key,
                          lowered_at - start, time.perf_counter() - lowered_at)
             return program
@@ -260,6 +264,9 @@ class ModelRunner:
                 bar.update(1)
         logger.info("Compiled %d step programs with %d threads in %.1f s (%d loaded from the executable cache).",
                     len(keys), workers, time.perf_counter() - start, self.executable_cache.hits - hits)
+        unused = self._gpu_unused_bytes()
+        if unused is not None:
+            logger.info("Device memory left to JAX after compiling: %.2f GiB.", unused / 2**30)
 
     def wait_for_background(self) -> None:
         """Blocks until the programs `warm_up(background=True)` left to background threads are compiled."""

@@ -4,6 +4,7 @@ KV pool leaves free (the 8B server's start on an 80 GB card failed without it)."
 import contextlib
 import threading
 
+import jax
 import pytest
 
 from jaxpaged import LLM
@@ -97,3 +98,51 @@ def test_warm_up_under_a_one_byte_limit_compiles_the_programs_one_at_a_time(eigh
     runner.warm_up(num_decode_steps=2)
     assert len(estimates) == len(runner.executables) > 10  # every program compiled through `hold`
     assert most[0] == 1  # each needed more than the 1-byte limit: one at a time, in 8 threads
+
+
+def _oom():
+    return jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 240.00MiB")
+
+
+def test_a_compile_out_of_memory_beside_others_runs_again_alone():
+    memory, held_then = CompileMemory(), []
+    memory.limit(10)
+    entered, leave = threading.Event(), threading.Event()
+
+    def other():
+        with memory.hold(5):
+            entered.set()
+            leave.wait()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    entered.wait()
+
+    def compile_():
+        held_then.append(memory._held)
+        if len(held_then) == 1:
+            leave.set()  # the other compile finishes while this one fails
+            raise _oom()
+        return "program"
+
+    assert memory.compile(compile_, 2, "step program x") == "program"
+    thread.join()
+    assert held_then == [7, 10]  # first beside the other (5 + 2), then alone (the whole capacity)
+
+
+def test_out_of_memory_alone_says_what_to_lower_and_other_errors_pass_through():
+    memory = CompileMemory()
+    memory.limit(3 << 30)
+
+    def failing():
+        raise _oom()
+
+    with pytest.raises(RuntimeError, match=r"compiling step program y alone, with 3.00 GiB .* lower "
+                                           r"gpu_memory_utilization"):
+        memory.compile(failing, 1, "step program y")
+
+    def broken():
+        raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: something else")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
+        memory.compile(broken, 1, "step program z")
