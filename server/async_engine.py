@@ -27,6 +27,11 @@ class _Stream:
     added: bool = False  # the engine accepted it (only the engine thread sets this)
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 def _default_factory(args: EngineArgs, background_compile: bool = True):
     """The engine, warmed up: ready once every step can run; with `background_compile`, the programs that only
     make some steps faster compile after that (`LLMEngine.warm_up`)."""
@@ -181,8 +186,7 @@ class AsyncLLMEngine:
             logger.exception("Engine step failed; failing the requests in flight")
             self._fail_all(EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
             return
-        for out in outputs:
-            self._deliver(out.request_id, out, out.finished)
+        self._deliver([(out.request_id, out, out.finished) for out in outputs])
 
     def _apply_commands(self, block: bool) -> bool:
         """Applies queued add/abort commands (waiting for one if `block`); False on shutdown."""
@@ -231,7 +235,7 @@ class AsyncLLMEngine:
         except Exception as e:  # ValueError for a bad request; anything else is that request's failure too
             if not isinstance(e, ValueError):
                 logger.exception("add_request(%s) failed", request_id)
-            self._deliver(request_id, e, last=True)
+            self._deliver([(request_id, e, True)])
 
     def _abort_in_engine(self, request_ids: list[str]) -> None:
         if self._channel is not None:
@@ -245,15 +249,19 @@ class AsyncLLMEngine:
         with self._lock:
             ids = [rid for rid, s in self._streams.items() if s.added]
         self._abort_in_engine(ids)
-        for request_id in ids:
-            self._deliver(request_id, error, last=True)
+        self._deliver([(request_id, error, True) for request_id in ids])
 
-    def _deliver(self, request_id: str, item, last: bool) -> None:
+    def _deliver(self, items: list[tuple[str, object, bool]]) -> None:
+        """Hands each (request id, output or error, whether it is the request's last) to the request's queue, with
+        one wake-up per event loop for all of them (one per request cost ~1.4 ms per step of 256 requests)."""
+        puts: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is None:
-            return
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
-            pass
+            for request_id, item, last in items:
+                stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+                if stream is not None:
+                    puts.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in puts.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
