@@ -4,8 +4,8 @@
 #   bash benchmarks/engine_gpu.sh parity 1b 1b-sync 1b-k8 hf-compiled ragged ragged-k8 hf-ragged profile profile-k8 \
 #     profile-prefill 8b 1b-k8-roof 1b-k8-warm serve-1b-k8
 # (-kN: --num-scheduler-steps N; 1b-kN-roof: with the roofline measured first; 1b-kN-unfused: 1b-kN without the
-# projection fusion (benchmarks/unfused.py, the A/B baseline); 1b-kN-warm: 1b-kN again, with its
-# own log, for a second start on the same machine (serve-1b-kN-warm likewise; both servers append to
+# projection fusion (benchmarks/unfused.py, the A/B baseline; ragged-kN-unfused likewise); 1b-kN-warm: 1b-kN
+# again, with its own log, for a second start on the same machine (serve-1b-kN-warm likewise; both servers append to
 # $OUT/server.log); profile-kN: 20 warm-up steps (the
 # prefills) then 10 profiled multi-steps; serve-1b-kN: benchmarks/serving.py --launch with the throughput run's
 # engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log;
@@ -41,6 +41,8 @@ for s in "$@"; do
     1b-k*-unfused) k=${s#1b-k}; step "$s" 240 python3 "$root/benchmarks/unfused.py" $FIXED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
     1b-k*) step "$s" 240 $T $FIXED --num-scheduler-steps "${s#1b-k}" --no-roofline ;;
+    ragged-k*-unfused) k=${s#ragged-k}; step "$s" 300 python3 "$root/benchmarks/unfused.py" $RAGGED \
+      --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
     ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
     profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" \
       --warmup-steps 20 --profile-steps 10 ;;
