@@ -11,7 +11,8 @@
 # engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log;
 # serve-8b-kN: the same with Llama-3.1-8B; serve-ragged-1b-kN: nano-vllm's ragged workload against a server that
 # compiled everything before ready, all at once and then at 80 % of that request throughput; decode-kN-bB: the
-# bare decode step of B sequences on that server's engine shape, under the profiler)
+# bare decode step of B sequences on that server's engine shape, under the profiler; decode-kN-bB-host: then 8
+# more steps under cProfile, the functions with most self time per step)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -56,9 +57,10 @@ for s in "$@"; do
       --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps ${s#serve-ragged-1b-k} \
       --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm --num-prompts 512 \
       --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
-    decode-k*-b*) k=${s#decode-k}; step "$s" 300 python3 "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" \
+    decode-k*-b*) k=${s#decode-k}; host=; [ "${k%-host}" != "$k" ] && host="--host-profile-steps 8" && k=${k%-host}
+      step "$s" 300 python3 "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" \
       --input-len 562 --output-len 256 --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" \
-      --warmup-steps 24 --profile-steps 10 ;;
+      --warmup-steps 24 --profile-steps 10 $host ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
     ragged) step ragged 300 $T $RAGGED ;;

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import roofline  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
 import serving  # noqa: E402
+import step_profile  # noqa: E402
 import throughput  # noqa: E402
 import trace_busy  # noqa: E402
 import workloads  # noqa: E402
@@ -206,3 +207,29 @@ def test_padding_shares_and_engine_lists():
     assert throughput.parse_args(["--engine", "jaxpaged,hf"]).engine == ["jaxpaged", "hf"]
     with pytest.raises(SystemExit):
         throughput.parse_args(["--engine", "jaxpaged,vllm"])
+
+
+class _CountingEngine:
+    """Three steps of work; each step calls `_bookkeeping` 5 times."""
+
+    def __init__(self):
+        self.left = 3
+
+    def has_unfinished_requests(self):
+        return self.left > 0
+
+    def _bookkeeping(self):
+        return sum(range(100))
+
+    def step(self):
+        for _ in range(5):
+            self._bookkeeping()
+        self.left -= 1
+
+
+def test_host_profile_reports_calls_per_step_and_stops_with_the_work():
+    profile = step_profile.host_profile(_CountingEngine(), num_steps=10)
+    row = next(v for k, v in profile.items() if k.endswith("(_bookkeeping)"))
+    assert row["calls"] == 5  # 15 calls over the 3 steps the engine had, not the 10 asked for
+    assert row["cum_ms"] >= row["self_ms"] >= 0
+    assert step_profile.host_profile(_CountingEngine.__new__(_CountingEngine), 0) == {}
