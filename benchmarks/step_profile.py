@@ -7,9 +7,11 @@ A decode-heavy workload (default 256 requests x 512 prompt tokens x 128 output t
 is queued at once; after --warmup-steps steps (the prefills, by default) the next --profile-steps steps run under
 `jax.profiler.trace(DIR, create_perfetto_trace=True)`, each inside a "jaxpaged_step" trace annotation and timed
 with perf_counter; the time each step waits in `StepHandle.result()` for the device is timed too, and the rest of
-the step is its host work (issue 11's "host work per step"). The device busy fraction is the union of GPU kernel intervals over the annotated window
-(trace_busy.py); on a CPU there is no device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's
-CPU work). Prints one JSON line (also appended to $OUT/step_profile.jsonl when $OUT is set).
+the step is its host work (issue 11's "host work per step"; blocking transfers or dispatches included). The device
+busy fraction is the union of GPU kernel intervals over the annotated window (trace_busy.py); on a CPU there is no
+device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's CPU work). --host-profile-steps N runs N
+more steps under cProfile afterwards and reports the functions with the most self time per step. Prints one JSON
+line (also appended to $OUT/step_profile.jsonl when $OUT is set).
 """
 
 import argparse
