@@ -123,7 +123,7 @@ def test_llama_70b_tp8_step_holds_an_eighth_of_weights_and_pool_per_device():
                                 sharding=pool_sharding(mesh))
     rep = replicated(mesh)
     fn = jax.jit(functools.partial(forward_step, model, "reference", page_size), donate_argnums=(1,),
-                 out_shardings=(pool_sharding(mesh), rep))
+                 out_shardings=(pool_sharding(mesh), rep, rep))  # pool, last hidden states, all hidden states
     compiled = fn.lower(params, [(page, page)] * cfg.num_hidden_layers,
                         jax.ShapeDtypeStruct((num_seqs + 1, 64), jnp.int32, sharding=rep),
                         jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32, sharding=rep),
