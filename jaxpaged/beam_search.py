@@ -19,6 +19,7 @@ import math
 from jaxpaged.outputs import Logprob
 
 MAX_BEAM_WIDTH = 10  # 2 x beam_width candidates per beam come from the sampler's top-20 logprobs
+_MAX_LOG = 709.0  # math.exp's largest argument with a finite float result, rounded down
 
 
 @dataclasses.dataclass
@@ -66,8 +67,23 @@ class BeamSearchOutput:
 
 
 def beam_score(num_tokens: int, ends_with_eos: bool, cum_logprob: float, length_penalty: float) -> float:
-    """vLLM's `get_beam_search_score`: cum_logprob / len ** length_penalty, without a final EOS in len."""
-    return cum_logprob / ((num_tokens - ends_with_eos) ** length_penalty)
+    """vLLM's `get_beam_search_score`: cum_logprob / len ** length_penalty, without a final EOS in len.
+
+    Where len ** length_penalty leaves a float's range (any finite penalty is accepted: 600 ** 397 overflows,
+    600 ** -400 is 0.0), the same quotient is taken through logarithms and saturates (to -0.0 or about -8e307)
+    instead of raising: beams that far apart in score keep their order, saturated ones tie.
+    """
+    n = max(num_tokens - ends_with_eos, 1)
+    try:
+        scale = float(n) ** length_penalty
+    except OverflowError:
+        scale = math.inf
+    if 0.0 < scale < math.inf:
+        return cum_logprob / scale
+    if cum_logprob == 0.0:
+        return 0.0
+    log_value = math.log(abs(cum_logprob)) - length_penalty * math.log(n)
+    return math.copysign(math.exp(min(log_value, _MAX_LOG)), cum_logprob)
 
 
 @dataclasses.dataclass

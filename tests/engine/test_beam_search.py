@@ -6,6 +6,7 @@ import os
 import pytest
 
 from jaxpaged import LLM, BeamSearchParams, SamplingParams
+from jaxpaged.beam_search import beam_score
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_beams.json")
 with open(FIXTURE) as f:
@@ -97,6 +98,24 @@ def test_invalid_beam_search_arguments_raise_and_queue_nothing(llm):
     assert not tiny.llm_engine.has_unfinished_requests()
     out = tiny.beam_search({"prompt_token_ids": list(range(10))}, BeamSearchParams(beam_width=2, max_tokens=20))
     assert [len(s.tokens) for s in out[0].sequences] == [30, 30]
+
+
+def test_beam_scores_past_a_floats_range_saturate_in_order():
+    assert beam_score(7, False, -3.0, 2.0) == -3.0 / 49  # in range: vLLM's quotient as it is
+    assert beam_score(7, True, -3.0, 2.0) == -3.0 / 36  # a final EOS is not counted
+    huge = [beam_score(600, False, c, 397.0) for c in (-1e-300, -2.0)]  # 600 ** 397 overflows a float
+    assert huge == [-0.0, -0.0]
+    tiny = [beam_score(600, False, c, -400.0) for c in (-0.5, -2.0)]  # 600 ** -400 is 0.0
+    assert tiny[0] == tiny[1] < -1e307 and beam_score(600, False, 0.0, -400.0) == 0.0
+    assert 0 > beam_score(600, False, -1e300, 120.0) > beam_score(600, False, -1e301, 120.0)  # through logarithms
+
+
+@pytest.mark.parametrize("length_penalty", [397.0, -400.0])
+def test_extreme_length_penalties_finish_without_failing_the_step(llm, length_penalty):
+    # the server's fuzz test sent length_penalty=397 to /v1/completions: the step raised OverflowError
+    out = llm.beam_search("The quick brown fox jumps over", BeamSearchParams(beam_width=2, max_tokens=3,
+                                                                            length_penalty=length_penalty))
+    assert len(out[0].sequences) == 2 and all(len(s.tokens) > 3 for s in out[0].sequences)
 
 
 def test_aborted_beam_search_frees_its_pages(llm):
