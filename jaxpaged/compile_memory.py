@@ -31,8 +31,7 @@ def gemm_bytes(rows: int, k: int, n: int, in_bytes: int, out_bytes: int) -> int:
 
 def layer_gemm_bytes(cfg: ModelConfig, rows: int, in_bytes: int) -> int:
     """The largest autotuning allocation of one decoder layer at `rows` tokens (projections fused: the larger)."""
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    shapes = ((cfg.hidden_size, qkv), (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size),
+    shapes = ((cfg.hidden_size, cfg.qkv_width), (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size),
               (cfg.hidden_size, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size))
     return max(gemm_bytes(rows, k, n, in_bytes, in_bytes) for k, n in shapes)
 

@@ -168,8 +168,7 @@ class ModelRunner:
         """A generous bound of a forward program's temporary memory: every per-token intermediate of one layer
         (hidden and norm states, q/k/v, the MLP's gate, up and product) at 4 bytes each, twice over."""
         c = self.model.config
-        qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-        return 2 * 4 * num_tokens * (4 * c.hidden_size + 2 * c.intermediate_size + qkv)
+        return 2 * 4 * num_tokens * (4 * c.hidden_size + 2 * c.intermediate_size + c.qkv_width)
 
     def _pool_specs(self, num_pages: int) -> list[tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]:
         """A pool of `num_pages` to lower programs against before it exists."""

@@ -61,6 +61,11 @@ class ModelConfig:
         scaling = dict(self.rope_scaling or ())
         return scaling.get("rope_type", scaling.get("type", "default")) or "default"
 
+    @property
+    def qkv_width(self) -> int:
+        """Output width of a layer's q, k and v projections together (the fused `qkv_proj`)."""
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
     def to_hf(self) -> dict:
         """A HF-style config dict that `from_hf` maps back to this config (orbax checkpoints store it)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
