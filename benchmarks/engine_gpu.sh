@@ -59,7 +59,7 @@ for s in "$@"; do
       --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
     decode-k*-b*) k=${s#decode-k}; host=; [ "${k%-host}" != "$k" ] && host="--host-profile-steps 8" && k=${k%-host}
       step "$s" 300 python3 "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" \
-      --input-len 562 --output-len 256 --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" \
+      --input-len 562 --output-len 512 --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" \
       --warmup-steps 24 --profile-steps 10 $host ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;

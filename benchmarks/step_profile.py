@@ -7,9 +7,12 @@ A decode-heavy workload (default 256 requests x 512 prompt tokens x 128 output t
 is queued at once; after --warmup-steps steps (the prefills, by default) the next --profile-steps steps run under
 `jax.profiler.trace(DIR, create_perfetto_trace=True)`, each inside a "jaxpaged_step" trace annotation and timed
 with perf_counter; the time each step waits in `StepHandle.result()` for the device is timed too, and the rest of
-the step is its host work (issue 11's "host work per step"; blocking transfers or dispatches included). The device
-busy fraction is the union of GPU kernel intervals over the annotated window (trace_busy.py); on a CPU there is no
-device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's CPU work). --host-profile-steps N runs N
+the step is its host work (issue 11's "host work per step"; blocking transfers or dispatches included). XLA turns
+its GPU command buffers (CUDA graphs) off while the profiler runs (`xla_enable_command_buffers_during_profiling`),
+so each kernel is then launched on its own and dispatch costs more: the same timings are therefore first taken
+over --profile-steps steps without the profiler ("untraced"); the host work per step is reported from both. The
+device busy fraction is the union of GPU kernel intervals over the traced window (trace_busy.py); on a CPU there is
+no device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's CPU work). --host-profile-steps N runs N
 more steps under cProfile afterwards and reports the functions with the most self time per step. Prints one JSON
 line (also appended to $OUT/step_profile.jsonl when $OUT is set).
 """
@@ -62,27 +65,33 @@ def timed_waits(waits: list[float]):
         StepHandle.result = result
 
 
+def timed_steps(engine, num_steps: int) -> tuple[list[float], list[float], float]:
+    """Runs up to `num_steps` engine steps, each inside a "jaxpaged_step" trace annotation; returns each step's
+    seconds, the seconds of each step spent waiting for the device, and the window's."""
+    import jax
+
+    times, waits = [], []
+    start = time.perf_counter()
+    while len(times) < num_steps and engine.has_unfinished_requests():
+        step_waits = []
+        with jax.profiler.TraceAnnotation("jaxpaged_step"), timed_waits(step_waits):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        waits.append(sum(step_waits))
+    return times, waits, time.perf_counter() - start
+
+
 def profiled_steps(engine, num_steps: int, trace_dir: str,
                    python_tracer: bool) -> tuple[list[float], list[float], float]:
-    """Runs up to `num_steps` engine steps under the profiler; returns each step's seconds, the seconds of each
-    step spent waiting for the device, and the window's. Without `python_tracer` the trace holds no Python
-    function events (they would dwarf the rest)."""
+    """`timed_steps` under the profiler. Without `python_tracer` the trace holds no Python function events (they
+    would dwarf the rest)."""
     import jax
 
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = int(python_tracer)
-    times, waits = [], []
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
-        start = time.perf_counter()
-        while len(times) < num_steps and engine.has_unfinished_requests():
-            step_waits = []
-            with jax.profiler.TraceAnnotation("jaxpaged_step"), timed_waits(step_waits):
-                t = time.perf_counter()
-                engine.step()
-                times.append(time.perf_counter() - t)
-            waits.append(sum(step_waits))
-        wall = time.perf_counter() - start
-    return times, waits, wall
+        return timed_steps(engine, num_steps)
 
 
 def host_profile(engine, num_steps: int, top: int = 25) -> dict:
@@ -106,6 +115,13 @@ def _mean_p50(seconds: list[float]) -> dict:
     return {"mean": 1000 * statistics.fmean(seconds), "p50": 1000 * statistics.median(seconds)}
 
 
+def _window(times: list[float], waits: list[float], wall: float) -> dict:
+    """Step, host-work and wait ms of an untraced window."""
+    return {"steps": len(times), "wall_s": wall, "host_ms_per_step": _mean_p50(times),
+            "host_work_ms_per_step": _mean_p50([t - w for t, w in zip(times, waits)]),
+            "wait_ms_per_step": _mean_p50(waits), "step_ms": [round(1000 * t, 2) for t in times]}
+
+
 def main() -> None:
     from jaxpaged import LLM
     from jaxpaged.sampling_params import RequestOutputKind
@@ -125,13 +141,15 @@ def main() -> None:
         engine.add_request(f"profile-{i}", prompt, p)
     for _ in range(args.warmup_steps):
         engine.step()
+    untraced = timed_steps(engine, args.profile_steps)
     times, waits, wall = profiled_steps(engine, args.profile_steps, trace_dir, args.python_tracer)
     if not times:
-        raise SystemExit(f"all requests finished within --warmup-steps {args.warmup_steps}: nothing to profile")
+        raise SystemExit(f"all requests finished within --warmup-steps {args.warmup_steps} and --profile-steps "
+                         f"{args.profile_steps} untraced ones: nothing to profile")
     host = host_profile(engine, args.host_profile_steps) if args.host_profile_steps else None
     busy = busy_summary(load_trace_events(trace_dir))
     device_ms = None if busy["busy_us"] is None else busy["busy_us"] / 1000 / len(times)
-    emit({"steps": len(times), "wall_s": wall,
+    emit({"untraced": _window(*untraced), "steps": len(times), "wall_s": wall,
           "host_ms_per_step": _mean_p50(times),
           "host_work_ms_per_step": _mean_p50([t - w for t, w in zip(times, waits)]),
           "wait_ms_per_step": _mean_p50(waits),

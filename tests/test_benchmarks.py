@@ -233,3 +233,12 @@ def test_host_profile_reports_calls_per_step_and_stops_with_the_work():
     assert row["calls"] == 5  # 15 calls over the 3 steps the engine had, not the 10 asked for
     assert row["cum_ms"] >= row["self_ms"] >= 0
     assert step_profile.host_profile(_CountingEngine.__new__(_CountingEngine), 0) == {}
+
+
+def test_timed_steps_stop_with_the_work_and_count_no_wait_without_results():
+    times, waits, wall = step_profile.timed_steps(_CountingEngine(), num_steps=10)
+    assert len(times) == len(waits) == 3  # the engine had 3 steps of work
+    assert waits == [0, 0, 0]  # no StepHandle.result() was waited on
+    assert wall >= sum(times) > 0
+    window = step_profile._window(times, waits, wall)
+    assert window["steps"] == 3 and window["host_work_ms_per_step"] == window["host_ms_per_step"]
