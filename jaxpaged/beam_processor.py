@@ -41,7 +41,7 @@ class BeamProcessor:
         """Takes the beams' rows of a finished step; returns the outputs of the groups that finished.
         `on_finish(req, status)` ends a sequence (scheduler and runner)."""
         touched = {}
-        for row, req in sched.sampling_rows(0):
+        for row, req, _ in sched.sampling_plan():  # beams take single steps
             group = req.group
             if group is None or group.beam is None or req.finished or group.request_id not in self.groups:
                 continue

@@ -41,6 +41,11 @@ class IncrementalDetokenizer:
         self.finished = True
         return stop
 
+    def extend(self, token_ids: list[int]) -> None:
+        """Adds several tokens in one call, for a sequence without stop strings."""
+        if token_ids:
+            self.output_text += self._stream.step(self._tokenizer, token_ids) or ""
+
     @property
     def text(self) -> str:
         """Text safe to show now: all of it once finished, else without the possible stop-string prefix."""
@@ -59,6 +64,9 @@ class NoTextDetokenizer:
 
     def append(self, token_id: int) -> None:
         return None
+
+    def extend(self, token_ids: list[int]) -> None:
+        pass
 
     def finish(self) -> None:
         pass

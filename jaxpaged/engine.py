@@ -292,9 +292,9 @@ class LLMEngine:
                 self.counters.num_requests_finished += 1
         return outputs
 
-    def _on_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
+    def _on_tokens(self, reqs: list[Request], token_ids: list[list[int]]) -> None:
         self.runner.append_tokens(reqs, token_ids)
-        self.counters.generation_tokens += len(token_ids)
+        self.counters.generation_tokens += sum(map(len, token_ids))
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)

@@ -6,6 +6,7 @@ only new pages are sent. Building a step is then a few vectorised NumPy gathers 
 """
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -68,14 +69,19 @@ class InputBatch:
         if slot is not None:
             self._free.append(slot)
 
-    def append_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
-        """Records one arrived output token per request in its row (requests without a slot are skipped)."""
+    def append_tokens(self, reqs: list[Request], token_ids: list[list[int]]) -> None:
+        """Records arrived output tokens, a list per request, in the requests' rows (requests without a slot are
+        skipped)."""
         get = self.slot_of.get
-        slots = np.array([get(r.request_id, self.pad_slot) for r in reqs], np.int32)
-        keep = slots != self.pad_slot
-        slots = slots[keep]
-        self.tokens[slots, self.num_known[slots]] = np.asarray(token_ids, np.int32)[keep]
-        self.num_known[slots] += 1
+        slots = np.array([get(r.request_id, self.pad_slot) for r in reqs], np.int32)  # [R]
+        counts = np.array([len(t) for t in token_ids], np.int32)  # [R]
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), np.int32, int(counts.sum()))  # [N]
+        rows = np.repeat(slots, counts)  # [N]
+        cols = self.num_known[rows] + np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = rows != self.pad_slot
+        self.tokens[rows[keep], cols[keep]] = flat[keep]
+        has_slot = slots != self.pad_slot
+        self.num_known[slots[has_slot]] += counts[has_slot]
 
     def rewrite(self, req: Request) -> None:
         """Copies a request's outputs into its row again and queues its whole page table to be sent (its outputs

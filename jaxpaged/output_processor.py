@@ -8,6 +8,8 @@ since the group's previous output, FINAL_ONLY builds one output when the group f
 
 import dataclasses
 
+import numpy as np
+
 from jaxpaged.beam_search import BeamState
 from jaxpaged.detokenizer import IncrementalDetokenizer, make_detokenizer
 from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
@@ -33,6 +35,7 @@ class RequestGroup:
     prompt_logprobs: PromptLogprobs | None = None  # filled as the prompt's chunks are computed
     sent_prompt_logprobs: bool = False
     beam: BeamState | None = None  # a beam search: its outputs come from BeamProcessor
+    stop_ids: frozenset[int] = frozenset()  # ids that end a child: stop_token_ids, and EOS unless ignore_eos
 
     def __post_init__(self) -> None:
         self.sent_tokens = [0] * len(self.children)
@@ -79,7 +82,9 @@ class OutputProcessor:
         detoks = [make_detokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
                   for _ in children]
-        group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks)
+        eos = frozenset() if params.ignore_eos else children[0].eos_token_ids
+        group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks,
+                             stop_ids=frozenset(params.stop_token_ids) | eos)
         self.groups[request_id] = group
         for i, child in enumerate(children):
             child.group, child.index = group, i
@@ -87,34 +92,35 @@ class OutputProcessor:
 
     def process(self, sched: SchedulerOutput, outs: list[SamplerOutput], on_tokens, on_finish,
                 prompt: tuple[list[PromptChunk], SamplerOutput | None] = ((), None)) -> list[RequestOutput]:
-        """Takes a step's sampled ids, sub-step by sub-step (`outs`: one entry, or one per sub-step of a multi-step
-        decode). Appends each sampled id of a live request, calls `on_tokens(requests, ids)` once per sub-step,
-        then `on_finish(req, status)` for each request that met a stop condition (its later ids are dropped);
-        returns one output per group that progressed (finished groups are dropped). Rows of requests that
-        finished or were aborted while the step ran are ignored. `prompt`: the step's prompt-logprob chunks and
-        their results."""
+        """Takes a step's sampled ids (`outs`: one entry, or one per sub-step of a multi-step decode). Appends each
+        live request's ids up to the first that meets a stop condition (its later ids are dropped), calls
+        `on_tokens(requests, id lists)` once, then `on_finish(req, status)` for each request that stopped; returns
+        one output per group that progressed (finished groups are dropped). Rows of requests that finished or were
+        aborted while the step ran are ignored; beams are BeamProcessor's. `prompt`: the step's prompt-logprob
+        chunks and their results.
+
+        A request is handled once per step, its sub-steps' ids together: only stop strings and logprobs need a
+        look at each token."""
         for chunk in prompt[0]:
             self._add_prompt_logprobs(chunk, prompt[1])
+        columns = np.stack([out.token_ids for out in outs], axis=1).tolist()  # [S][K] sampled ids per row
+        reqs, arrived, finishing = [], [], []
         touched: dict[str, RequestGroup] = {}
-        ending: set[str] = set()  # groups with a child that finished in this step
-        for j, out in enumerate(outs):
-            token_ids = out.token_ids.tolist()
-            rows = [(row, req) for row, req in sched.sampling_rows(j)
-                    if not req.finished and req.group.beam is None]  # beams: BeamProcessor
-            reqs = [req for _, req in rows]
-            tokens = [token_ids[row] for row, _ in rows]
-            for req, token in zip(reqs, tokens):
-                req.append_output(token)
-            on_tokens(reqs, tokens)
-            for (row, req), token in zip(rows, tokens):
-                group = req.group
-                if req.sampling_params.logprobs is not None:
-                    self._add_logprobs(req, token, out, row)
-                status = self._check_stop(req, token)
-                if status is not None:
-                    on_finish(req, status)
-                    ending.add(group.request_id)
-                touched[group.request_id] = group
+        for row, req, num_steps in sched.sampling_plan():
+            if req.finished or req.group.beam is not None:
+                continue
+            tokens = columns[row][:num_steps]
+            status = self._accept(req, tokens, outs, row)  # cuts `tokens` after a stop
+            reqs.append(req)
+            arrived.append(tokens)
+            if status is not None:
+                finishing.append((req, status))
+            touched[req.group.request_id] = req.group
+        on_tokens(reqs, arrived)
+        ending = set()  # groups with a child that finished in this step
+        for req, status in finishing:
+            on_finish(req, status)
+            ending.add(req.group.request_id)
         outputs = []
         for group in touched.values():
             finished = group.request_id in ending and group.finished
@@ -124,24 +130,48 @@ class OutputProcessor:
                 self.groups.pop(group.request_id, None)
         return outputs
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        p = req.sampling_params
-        detok = req.group.detokenizers[req.index]
-        stop_str = detok.append(token)
+    def _accept(self, req: Request, tokens: list[int], outs: list[SamplerOutput], row: int) -> RequestStatus | None:
+        """Appends `tokens` (the request's ids of this step, in order) to its outputs and text up to the first one
+        that meets a stop condition, which it returns (`tokens` is cut there); checked per token in vLLM's order:
+        stop string, stop token id, EOS, max_tokens, max_model_len. Without stop strings and logprobs, ids that
+        hold no stop id and stay within the limits are taken in one go."""
+        p, group = req.sampling_params, req.group
+        detok = group.detokenizers[req.index]
+        num_outputs = len(req.output_token_ids)
+        room = self.max_model_len - len(req.prompt_token_ids) - num_outputs  # outputs before a length limit
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - num_outputs)
+        per_token = bool(p.stop) or p.logprobs is not None
         status = None
-        if stop_str is not None:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        elif token in p.stop_token_ids:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
-        elif not p.ignore_eos and token in req.eos_token_ids:
-            status = RequestStatus.FINISHED_STOPPED
-        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
-            status = RequestStatus.FINISHED_LENGTH
-        elif req.num_known_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
+        if per_token or len(tokens) >= room or not group.stop_ids.isdisjoint(tokens):
+            for j, token in enumerate(tokens):
+                if p.logprobs is not None:
+                    self._add_logprobs(req, token, outs[j], row)
+                stop_str = detok.append(token) if per_token else None
+                status = self._stop_token_status(req, token, j + 1 >= room)
+                if stop_str is not None:
+                    status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+                if status is not None:
+                    del tokens[j + 1:]
+                    break
+        if not per_token:
+            detok.extend(tokens)
+        req.append_outputs(tokens)
         if status is not None:
             detok.finish()
         return status
+
+    @staticmethod
+    def _stop_token_status(req: Request, token: int, at_length_limit: bool) -> RequestStatus | None:
+        """The status `token` ends the request with (stop strings aside; sets `stop_reason` for a stop token id),
+        or None. `at_length_limit`: the token is the last max_tokens or max_model_len allows."""
+        p = req.sampling_params
+        if token in p.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if not p.ignore_eos and token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        return RequestStatus.FINISHED_LENGTH if at_length_limit else None
 
     def _add_logprobs(self, req: Request, token: int, out: SamplerOutput, row: int) -> None:
         req.cumulative_logprob += float(out.logprobs[row])

@@ -133,9 +133,10 @@ class PageManager:
             total = req.num_computed_tokens + num_new_tokens
             shared = [i for i in range(req.num_computed_tokens // size, min(len(pages), -(-total // size)))
                       if self.ref_counts[pages[i]] > 1]
-            # the common decode step inside its own last page: nothing to do
-            if not shared and total <= len(pages) * size and (
-                    not self.enable_prefix_caching or total // size <= self._num_hashed.get(req.request_id, 0)):
+            # the common decode step inside its own pages: nothing to do unless a page filled with known tokens
+            # waits to be hashed (pages holding a pending token are hashed once its id arrives)
+            if not shared and total <= len(pages) * size and (not self.enable_prefix_caching or min(
+                    total, req.num_known_tokens) // size <= self._num_hashed.get(req.request_id, 0)):
                 return True
         pages = self.req_pages.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(cached_pages) * size

@@ -79,10 +79,10 @@ class Request:
         """Prompt + output tokens whose ids the host has."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def append_output(self, token_id: int) -> None:
-        """A pending token's id arrived from the device."""
-        self.output_token_ids.append(token_id)
-        self.num_pending -= 1
+    def append_outputs(self, token_ids: list[int]) -> None:
+        """Pending tokens' ids arrived from the device."""
+        self.output_token_ids += token_ids
+        self.num_pending -= len(token_ids)
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + output without building the whole list."""

@@ -289,8 +289,8 @@ class ModelRunner:
         """Mirrors a request whose outputs and pages were replaced (beam search) in the persistent batch."""
         self.batch.rewrite(req)
 
-    def append_tokens(self, reqs: list[Request], token_ids: list[int]) -> None:
-        """Records arrived output tokens in the requests' rows of the persistent batch."""
+    def append_tokens(self, reqs: list[Request], token_ids: list[list[int]]) -> None:
+        """Records arrived output tokens (a list per request) in the requests' rows of the persistent batch."""
         self.batch.append_tokens(reqs, token_ids)
 
     def _add_request(self, req: Request) -> None:

@@ -49,12 +49,11 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
-    def sampling_rows(self, step: int = 0) -> list[tuple[int, Request]]:
-        """(sampler row, request) of the rows that sample in sub-step `step`: scheduled rows, then forks."""
-        rows = [(row, s.request) for row, s in enumerate(self.scheduled) if s.samples and step < s.num_steps]
-        if step == 0:
-            rows += [(len(self.scheduled) + i, f.child) for i, f in enumerate(self.forks)]
-        return rows
+    def sampling_plan(self) -> list[tuple[int, Request, int]]:
+        """(sampler row, request, sub-steps it samples in) of the rows that sample: scheduled rows, then forks (one
+        sub-step each: a multi-step decode forks nothing)."""
+        rows = [(row, s.request, s.num_steps) for row, s in enumerate(self.scheduled) if s.samples]
+        return rows + [(len(self.scheduled) + i, f.child, 1) for i, f in enumerate(self.forks)]
 
 
 class Scheduler:

@@ -36,3 +36,16 @@ def test_include_stop_str_in_output(smollm2_tokenizer):
     detok, _, stop, _ = feed(smollm2_tokenizer, " one two three four", stop=["three"],
                              include_stop_str_in_output=True)
     assert stop == "three" and detok.text == " one two three"
+
+
+def test_extend_in_chunks_gives_the_text_of_one_token_at_a_time(smollm2_tokenizer):
+    text = " héllo 😀 世界 naïve, and more words after them"
+    prompt = smollm2_tokenizer.encode("Say:")
+    ids = smollm2_tokenizer.encode(text, add_special_tokens=False)
+    for size in (1, 3, 8):  # chunk borders fall inside the multi-byte characters too
+        detok = IncrementalDetokenizer(smollm2_tokenizer, prompt)
+        for at in range(0, len(ids), size):
+            detok.extend(ids[at:at + size])
+            assert "\ufffd" not in detok.text
+        detok.extend([])
+        assert detok.output_text == text, size

@@ -38,9 +38,23 @@ def test_prefill_then_decode_reads_pending_token_from_its_slot():
     lay2 = batch.layout(out2, 16, 8)
     assert lay2.token_ids.tolist()[:2] == [-1, -2]
     assert lay2.kv_lens.tolist()[:2] == [6, 3] and lay2.positions.tolist()[:2] == [1, 1]
-    a.append_output(42)
-    batch.append_tokens([a], [42])
+    a.append_outputs([42])
+    batch.append_tokens([a], [[42]])
     assert batch.tokens[0, :6].tolist() == [5, 6, 7, 8, 9, 42] and a.num_pending == 1
+
+
+def test_append_tokens_takes_several_per_request_and_skips_requests_without_a_slot():
+    pm, sch, batch = setup()
+    a = Request("a", [5, 6, 7], SamplingParams(max_tokens=8))
+    b = Request("b", [1, 2], SamplingParams(max_tokens=8))
+    gone = Request("gone", [3], SamplingParams(max_tokens=8))
+    for r in (a, b):
+        sch.add_request(r)
+    admit(batch, sch.schedule())
+    batch.append_tokens([a, gone, b], [[40, 41, 42], [99, 98], [50]])
+    batch.append_tokens([b, a], [[51, 52], []])
+    assert batch.tokens[0, :6].tolist() == [5, 6, 7, 40, 41, 42] and batch.tokens[1, :5].tolist() == [1, 2, 50, 51, 52]
+    assert batch.num_known.tolist()[:2] == [6, 5] and 99 not in batch.tokens
 
 
 def test_page_updates_send_only_new_pages_and_a_new_slot_owner_starts_over():
@@ -51,10 +65,10 @@ def test_page_updates_send_only_new_pages_and_a_new_slot_owner_starts_over():
     admit(batch, out)
     rows, cols, vals = batch.page_updates(out, pm.pages_of)
     assert (rows, cols, vals) == ([0, 0], [0, 1], pm.pages_of("a"))
-    a.append_output(3)
+    a.append_outputs([3])
     out = sch.schedule()  # position 7 still fits in page 2
     assert batch.page_updates(out, pm.pages_of) == ([], [], [])
-    a.append_output(3)
+    a.append_outputs([3])
     out = sch.schedule()  # position 8 opens a third page
     assert batch.page_updates(out, pm.pages_of) == ([0], [2], [pm.pages_of("a")[2]])
     batch.remove("a")

@@ -146,7 +146,7 @@ def test_multi_step_decode_stops_where_single_steps_stop(baseline, small_pool):
     single = baseline[0]
     params = [SamplingParams(temperature=0, max_tokens=n, stop=stop, stop_token_ids=ids, logprobs=lp)
               for n, stop, ids, lp in [(3, [], [], None), (40, [" the", "."], [], 1), (17, [], [], None),
-                                       (40, ["\n"], [], None), (9, [], [13], 2), (40, [], [], None)]]
+                                       (40, ["\n"], [], None), (9, [], [13], 2), (40, [], [13], None)]]
     want = single.generate(PROMPTS, params, use_tqdm=False)
     with configured(small_pool, num_scheduler_steps=8):
         got = small_pool.generate(PROMPTS, params, use_tqdm=False)

@@ -32,10 +32,10 @@ def add_forked(s, rid, prompt_len, n, max_tokens=4, base=0):
 def step(s):
     """Schedules, 'computes', samples token 7 for finished chunks (and forks) and ends requests at max_tokens."""
     out = s.schedule()
-    for j in range(out.num_steps):  # the chunk's token, then one per decode sub-step
-        for _, req in out.sampling_rows(j):
+    for _, req, num_steps in out.sampling_plan():
+        for _ in range(num_steps):  # the chunk's token, then one per decode sub-step
             if not req.finished:
-                req.append_output(7)
+                req.append_outputs([7])
                 if len(req.output_token_ids) >= req.sampling_params.max_tokens:
                     s.finish(req, RequestStatus.FINISHED_LENGTH)
     return out
@@ -144,7 +144,7 @@ def test_forked_request_computes_the_prompt_once_and_children_join_after_the_for
     out = step(s)  # the last chunk samples: b and c fork from it, sampling in rows 1 and 2
     assert plan(out) == [("a-0", 8, 2)]
     assert [(f.row, f.child) for f in out.forks] == [(0, b), (0, c)]
-    assert out.sampling_rows() == [(0, a), (1, b), (2, c)]
+    assert out.sampling_plan() == [(0, a, 1), (1, b, 1), (2, c, 1)]
     assert s.running == [a, b, c] and s.num_reserved == 0
     assert s.pages.pages_of("a-1") == s.pages.pages_of("a-0") == [1, 2, 3]
     assert (b.num_computed_tokens, b.num_pending, b.output_token_ids) == (10, 0, [7])
