@@ -133,10 +133,8 @@ class PageManager:
             total = req.num_computed_tokens + num_new_tokens
             shared = [i for i in range(req.num_computed_tokens // size, min(len(pages), -(-total // size)))
                       if self.ref_counts[pages[i]] > 1]
-            # the common decode step inside its own pages: nothing to do unless a page filled with known tokens
-            # waits to be hashed (pages holding a pending token are hashed once its id arrives)
-            if not shared and total <= len(pages) * size and (not self.enable_prefix_caching or min(
-                    total, req.num_known_tokens) // size <= self._num_hashed.get(req.request_id, 0)):
+            if not shared and total <= len(pages) * size:  # the common decode step, inside its own pages
+                self._cache_full_pages(req, pages, total // size)
                 return True
         pages = self.req_pages.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(cached_pages) * size
@@ -195,11 +193,16 @@ class PageManager:
         return page
 
     def _cache_full_pages(self, req: Request, pages: list[int], num_full: int) -> None:
+        """Enters the request's first `num_full` pages in the prefix cache, those not entered yet whose tokens are
+        all known (a page holding a pending token is entered once its id arrives)."""
         if not self.enable_prefix_caching:
             return
         start = self._num_hashed.get(req.request_id, 0)
+        num_full = min(num_full, req.num_known_tokens // self.page_size)
+        if num_full <= start:
+            return
         self._ensure_hashes(req, num_full)
-        num_full = min(num_full, len(req.page_hashes))  # pages holding a pending token are hashed a step later
+        num_full = min(num_full, len(req.page_hashes))
         for i in range(start, num_full):
             page_hash = req.page_hashes[i]
             if page_hash not in self.cached and self.page_hash[pages[i]] is None:
