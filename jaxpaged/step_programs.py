@@ -24,13 +24,14 @@ def _substitute_pending(token_ids, slot_tokens):
     return jnp.where(token_ids < 0, slot_tokens[jnp.maximum(-token_ids - 1, 0)], token_ids)
 
 
-def _metadata(page_indices, seq_ids, positions, live, kv_lens, cu_q_lens, num_seqs,
-              page_size: int) -> AttentionMetadata:
+def _metadata(page_indices, seq_ids, positions, live, kv_lens, cu_q_lens, num_seqs, page_size: int,
+              decode_only: bool = False) -> AttentionMetadata:
     """The step's AttentionMetadata: each live token's K/V slot from its sequence's pages (others: PAD_SLOT)."""
     page = page_indices[seq_ids, positions // page_size]
     slot_mapping = jnp.where(live, page * page_size + positions % page_size, PAD_SLOT)
     return AttentionMetadata(positions=positions, slot_mapping=slot_mapping, kv_lens=kv_lens,
-                             page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=num_seqs)
+                             page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=num_seqs,
+                             decode_only=decode_only)
 
 
 def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_caches, page_tables, slot_tokens,
@@ -90,7 +91,7 @@ def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: Samp
         live = j < steps  # [S]
         kv_lens = kv_lens0 + jnp.minimum(j, jnp.maximum(steps - 1, 0))  # frozen once a row is done
         positions = jnp.maximum(kv_lens - 1, 0)
-        md = _metadata(page_indices, rows, positions, live, kv_lens, cu_q_lens, n, page_size)
+        md = _metadata(page_indices, rows, positions, live, kv_lens, cu_q_lens, n, page_size, decode_only=True)
         hidden, kv = model.forward(params, tokens, md, kv, attn_impl=attn_impl)  # [S, hidden]
         logits = model.compute_logits(params, hidden)
         out = sample(logits, dataclasses.replace(tensors, positions=tensors.positions + j), flags)

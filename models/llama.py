@@ -93,7 +93,7 @@ def _paged_attention(mesh, impl: str, sm_scale: float, q, k, v, k_pages, v_pages
     def attend(q, k, v, k_pages, v_pages, md):
         k_pages, v_pages = write_kv_pages(k_pages, v_pages, k, v, md.slot_mapping)
         out = ragged_paged_attention(q, k_pages, v_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
-                                     sm_scale=sm_scale, impl=impl)
+                                     sm_scale=sm_scale, impl=impl, decode_only=md.decode_only)
         return out, k_pages, v_pages
 
     if mesh is None:

@@ -16,3 +16,5 @@ class AttentionMetadata:
     page_indices: jax.Array  # [S, max_pages_per_seq] int32
     cu_q_lens: jax.Array     # [S + 1] int32
     num_seqs: jax.Array      # [1] int32
+    # static: every sequence has exactly one new token (T == S), so kernels may skip their prefill work
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))

@@ -349,7 +349,7 @@ def _compute_capability() -> str | None:
 
 
 def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new, v_new, *, sm_scale, interpret,
-         cfg: GpuConfig):
+         cfg: GpuConfig, decode_only: bool = False):
     num_tokens, num_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     num_seqs_max, max_pages = page_indices.shape
@@ -366,8 +366,10 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
                  jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)] if fused else []
     params = lambda w, s: plgpu.CompilerParams(num_warps=w, num_stages=s)  # noqa: E731
 
-    if not fused and not interpret and prefill_launch(cfg, q.shape, k_pages.shape, q.dtype, num_seqs_max,
-                                                      _compute_capability()) == "mosaic":
+    if decode_only and not fused:  # no sequence has a prefill chunk: the decode launch writes every live row
+        out, pages = jnp.zeros(q.shape, q.dtype), []
+    elif not fused and not interpret and prefill_launch(cfg, q.shape, k_pages.shape, q.dtype, num_seqs_max,
+                                                        _compute_capability()) == "mosaic":
         from jaxpaged.kernels.gpu_mosaic import prefill_attention_mosaic
 
         out, pages = prefill_attention_mosaic(q, k_pages, v_pages, *meta, sm_scale=sm_scale), []
@@ -421,7 +423,7 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_new,
     return (out, k_pages, v_pages) if fused else out
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config", "decode_only"))
 def ragged_paged_attention_gpu(
     q: jax.Array,             # [T, num_q_heads, head_dim]
     k_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]
@@ -434,10 +436,13 @@ def ragged_paged_attention_gpu(
     sm_scale: float,
     interpret: bool = False,
     config: GpuConfig = GpuConfig(),
+    decode_only: bool = False,
 ) -> jax.Array:               # [T, num_q_heads, head_dim]; rows past cu_q_lens[num_seqs] are unspecified
-    """`ragged_paged_attention` (see jaxpaged.kernels.ops) as Pallas Triton kernels; K/V already in the pages."""
+    """`ragged_paged_attention` (see jaxpaged.kernels.ops) as Pallas Triton kernels; K/V already in the pages.
+    `decode_only` (every sequence has one new token) skips the prefill launch, whose programs would all exit
+    after their search (~10 us per call at 256 sequences, 5 % of a multi-step decode on an H200)."""
     return _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, None, None,
-                sm_scale=sm_scale, interpret=interpret, cfg=config)
+                sm_scale=sm_scale, interpret=interpret, cfg=config, decode_only=decode_only)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config"), donate_argnums=(3, 4))

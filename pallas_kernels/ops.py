@@ -37,13 +37,15 @@ def ragged_paged_attention(
     sm_scale: float,
     impl: str = "auto",
     interpret: bool = False,
+    decode_only: bool = False,
 ) -> jax.Array:               # [T, num_q_heads, head_dim]; rows past cu_q_lens[num_seqs] are unspecified
     """Ragged paged attention over a batch mixing prefill chunks and decode tokens.
 
     Query i of sequence s sits at position `kv_lens[s] - q_len_s + i` and attends causally to positions
     0..itself. The new tokens' K/V must already be in the pages (`write_kv_pages`). Page 0 is the null page.
     `impl="auto"` picks the kernel for `jax.default_backend()`; `interpret=True` runs Pallas kernels in
-    interpret mode (CPU tests).
+    interpret mode (CPU tests). `decode_only` promises that every sequence has exactly one new token (a
+    multi-step decode): the GPU kernel then skips its prefill launch; the other implementations ignore it.
     """
     impl = resolve_impl(impl, q.shape[-1])
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
@@ -54,7 +56,7 @@ def ragged_paged_attention(
     if impl == "gpu":
         from jaxpaged.kernels.gpu_split import ragged_paged_attention_gpu
 
-        return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, interpret=interpret)
+        return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, interpret=interpret, decode_only=decode_only)
     from jaxpaged.kernels.tpu import ragged_paged_attention_tpu
 
     return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, interpret=interpret)

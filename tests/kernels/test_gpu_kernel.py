@@ -6,6 +6,9 @@ Tolerances (max abs error; outputs are convex mixes of unit-normal V rows, so O(
 `-m gpu` runs the same checks compiled on a GPU (the device machine).
 """
 
+import dataclasses
+import functools
+
 import jax
 import ml_dtypes
 import numpy as np
@@ -62,9 +65,10 @@ def assert_close(out, b, atol):
     np.testing.assert_allclose(out, expected(b)[:live], atol=atol, rtol=0)
 
 
-def check(q_lens, kv_lens, *, config=SMALL, interpret=True, atol=None, **kw):
+def check(q_lens, kv_lens, *, config=SMALL, interpret=True, atol=None, decode_only=False, **kw):
     b = build(q_lens, kv_lens, **kw)
-    out = ragged_paged_attention_gpu(*b.args(), sm_scale=b.q.shape[-1] ** -0.5, interpret=interpret, config=config)
+    out = ragged_paged_attention_gpu(*b.args(), sm_scale=b.q.shape[-1] ** -0.5, interpret=interpret, config=config,
+                                     decode_only=decode_only)
     assert_close(out, b, atol or (2e-5 if b.q.dtype == np.float32 else 2e-2))
 
 
@@ -97,6 +101,16 @@ def check_fused(q_lens, kv_lens, *, config=SMALL, interpret=True, atol=None, **k
     assert_close(out, b, atol or (2e-5 if b.q.dtype == np.float32 else 2e-2))
     np.testing.assert_array_equal(np.asarray(k_pages), b.k_pages)  # padding tokens wrote nothing
     np.testing.assert_array_equal(np.asarray(v_pages), b.v_pages)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_only_hint_skips_the_prefill_launch_with_the_same_output(splits):
+    config = dataclasses.replace(SMALL, decode_splits=splits)
+    check(*CASES["decode_only"], config=config, decode_only=True)
+    b = build(*CASES["decode_only"])
+    jaxpr = jax.make_jaxpr(functools.partial(ragged_paged_attention_gpu, sm_scale=0.125, interpret=True,
+                                             config=config, decode_only=True))(*b.args())
+    assert "rpa_prefill" not in str(jaxpr) and "rpa_decode" in str(jaxpr)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -169,6 +183,8 @@ def test_compiled_on_gpu(case, heads, head_dim, dtype):
         configs.append(GpuConfig(prefill_launch="mosaic", decode_splits=4))
     for config in configs:
         check(*CASES[case], config=config, **kw)
+        if case == "decode_only":
+            check(*CASES[case], config=config, decode_only=True, **kw)
     check_fused(*CASES[case], config=GpuConfig(decode_splits=4), **kw)  # fused: always the Triton launch
 
 
