@@ -10,11 +10,12 @@ with perf_counter; the time each step waits in `StepHandle.result()` for the dev
 the step is its host work (issue 11's "host work per step"; blocking transfers or dispatches included). XLA turns
 its GPU command buffers (CUDA graphs) off while the profiler runs (`xla_enable_command_buffers_during_profiling`),
 so each kernel is then launched on its own and dispatch costs more: the same timings are therefore first taken
-over --profile-steps steps without the profiler ("untraced"); the host work per step is reported from both. The
-device busy fraction is the union of GPU kernel intervals over the traced window (trace_busy.py); on a CPU there is
-no device stream and it is null (`cpu_xla_busy_fraction` then estimates XLA's CPU work). --host-profile-steps N runs N
-more steps under cProfile afterwards and reports the functions with the most self time per step. Prints one JSON
-line (also appended to $OUT/step_profile.jsonl when $OUT is set).
+over --profile-steps steps without the profiler ("untraced", with each compiled program's dispatch timed); the
+host work per step is reported from both. The device busy fraction is the union of GPU kernel intervals over the
+traced window (trace_busy.py); on a CPU there is no device stream and it is null (`cpu_xla_busy_fraction` then
+estimates XLA's CPU work). --host-profile-steps N runs N more steps under cProfile afterwards and reports the
+functions with the most self time per step. Prints one JSON line (also appended to $OUT/step_profile.jsonl when
+$OUT is set).
 """
 
 import argparse
@@ -63,6 +64,34 @@ def timed_waits(waits: list[float]):
         yield
     finally:
         StepHandle.result = result
+
+
+class _TimedProgram:
+    """A compiled step program that appends the seconds of each call (its dispatch: the call returns before the
+    device is done) to `seconds`."""
+
+    def __init__(self, program, seconds: list[float]):
+        self.program, self.seconds = program, seconds
+
+    def __call__(self, *args):
+        t = time.perf_counter()
+        try:
+            return self.program(*args)
+        finally:
+            self.seconds.append(time.perf_counter() - t)
+
+
+@contextlib.contextmanager
+def timed_dispatches(runner, seconds: dict[str, list[float]]):
+    """While the block runs, every call of the runner's compiled programs is timed: `seconds[kind]` ("forward",
+    "sample", "decode", "update", ...) collects the seconds of each call."""
+    originals = dict(runner.executables)
+    runner.executables.update({key: _TimedProgram(program, seconds.setdefault(key[0], []))
+                               for key, program in originals.items()})
+    try:
+        yield
+    finally:
+        runner.executables.update(originals)
 
 
 def timed_steps(engine, num_steps: int) -> tuple[list[float], list[float], float]:
@@ -115,11 +144,14 @@ def _mean_p50(seconds: list[float]) -> dict:
     return {"mean": 1000 * statistics.fmean(seconds), "p50": 1000 * statistics.median(seconds)}
 
 
-def _window(times: list[float], waits: list[float], wall: float) -> dict:
-    """Step, host-work and wait ms of an untraced window."""
+def _window(times: list[float], waits: list[float], wall: float, dispatches: dict[str, list[float]]) -> dict:
+    """Step, host-work, wait and per-program dispatch ms of an untraced window."""
+    steps = max(len(times), 1)
     return {"steps": len(times), "wall_s": wall, "host_ms_per_step": _mean_p50(times),
             "host_work_ms_per_step": _mean_p50([t - w for t, w in zip(times, waits)]),
-            "wait_ms_per_step": _mean_p50(waits), "step_ms": [round(1000 * t, 2) for t in times]}
+            "wait_ms_per_step": _mean_p50(waits), "step_ms": [round(1000 * t, 2) for t in times],
+            "dispatch_ms_per_step": {k: 1000 * sum(v) / steps for k, v in dispatches.items() if v},
+            "dispatch_calls_per_step": {k: len(v) / steps for k, v in dispatches.items() if v}}
 
 
 def main() -> None:
@@ -141,7 +173,9 @@ def main() -> None:
         engine.add_request(f"profile-{i}", prompt, p)
     for _ in range(args.warmup_steps):
         engine.step()
-    untraced = timed_steps(engine, args.profile_steps)
+    dispatches: dict[str, list[float]] = {}
+    with timed_dispatches(engine.runner, dispatches):
+        untraced = timed_steps(engine, args.profile_steps)
     times, waits, wall = profiled_steps(engine, args.profile_steps, trace_dir, args.python_tracer)
     if not times:
         raise SystemExit(f"all requests finished within --warmup-steps {args.warmup_steps} and --profile-steps "
@@ -149,7 +183,7 @@ def main() -> None:
     host = host_profile(engine, args.host_profile_steps) if args.host_profile_steps else None
     busy = busy_summary(load_trace_events(trace_dir))
     device_ms = None if busy["busy_us"] is None else busy["busy_us"] / 1000 / len(times)
-    emit({"untraced": _window(*untraced), "steps": len(times), "wall_s": wall,
+    emit({"untraced": _window(*untraced, dispatches), "steps": len(times), "wall_s": wall,
           "host_ms_per_step": _mean_p50(times),
           "host_work_ms_per_step": _mean_p50([t - w for t, w in zip(times, waits)]),
           "wait_ms_per_step": _mean_p50(waits),

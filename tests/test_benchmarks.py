@@ -240,5 +240,25 @@ def test_timed_steps_stop_with_the_work_and_count_no_wait_without_results():
     assert len(times) == len(waits) == 3  # the engine had 3 steps of work
     assert waits == [0, 0, 0]  # no StepHandle.result() was waited on
     assert wall >= sum(times) > 0
-    window = step_profile._window(times, waits, wall)
+    window = step_profile._window(times, waits, wall, {"decode": [0.002, 0.004], "update": [0.003]})
     assert window["steps"] == 3 and window["host_work_ms_per_step"] == window["host_ms_per_step"]
+    assert window["dispatch_ms_per_step"] == pytest.approx({"decode": 2.0, "update": 1.0})
+    assert window["dispatch_calls_per_step"] == pytest.approx({"decode": 2 / 3, "update": 1 / 3})
+
+
+class _Runner:
+    """The part of ModelRunner that `timed_dispatches` touches."""
+
+    def __init__(self):
+        self.executables = {("decode", 8): lambda x: x + 1, ("update",): lambda x: x * 2}
+
+
+def test_timed_dispatches_time_each_program_call_and_restore_the_programs():
+    runner, seconds = _Runner(), {}
+    originals = dict(runner.executables)
+    with step_profile.timed_dispatches(runner, seconds):
+        assert runner.executables[("decode", 8)](1) == 2 and runner.executables[("decode", 8)](5) == 6
+        assert runner.executables[("update",)](3) == 6
+    assert {k: len(v) for k, v in seconds.items()} == {"decode": 2, "update": 1}
+    assert all(t >= 0 for v in seconds.values() for t in v)
+    assert runner.executables == originals
