@@ -11,8 +11,9 @@
 # engine shape, reporting the seconds to /health 200, the server run through timed_server.py for a timed log;
 # serve-8b-kN: the same with Llama-3.1-8B; serve-ragged-1b-kN: nano-vllm's ragged workload against a server that
 # compiled everything before ready, all at once and then at 80 % of that request throughput; decode-kN-bB: the
-# bare decode step of B sequences on that server's engine shape, under the profiler; decode-kN-bB-host: then 8
-# more steps under cProfile, the functions with most self time per step)
+# bare decode step of B sequences on that server's engine shape, 10 steps timed without the profiler (each
+# program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
+# functions with most self time per step)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
