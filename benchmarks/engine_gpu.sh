@@ -13,7 +13,8 @@
 # compiled everything before ready, all at once and then at 80 % of that request throughput; decode-kN-bB: the
 # bare decode step of B sequences on that server's engine shape, 10 steps timed without the profiler (each
 # program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
-# functions with most self time per step)
+# functions with most self time per step; -wp after serve-ragged-1b-kN or ragged-kN: with
+# --multi-step-with-prefill)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -43,6 +44,8 @@ for s in "$@"; do
     1b-k*-unfused) k=${s#1b-k}; step "$s" 240 python3 "$root/benchmarks/unfused.py" $FIXED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
     1b-k*) step "$s" 240 $T $FIXED --num-scheduler-steps "${s#1b-k}" --no-roofline ;;
+    ragged-k*-wp) k=${s#ragged-k}; step "$s" 300 $T $RAGGED --num-scheduler-steps "${k%-wp}" --multi-step-with-prefill \
+      --no-roofline ;;
     ragged-k*-unfused) k=${s#ragged-k}; step "$s" 300 python3 "$root/benchmarks/unfused.py" $RAGGED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
     ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
@@ -54,6 +57,10 @@ for s in "$@"; do
       --dtype bfloat16 --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
       --num-scheduler-steps $k --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
       --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;
+    serve-ragged-1b-k*-wp) k=${s#serve-ragged-1b-k}; step "$s" 420 python3 "$root/benchmarks/serving.py" --launch \
+      "--model llama-3.2-1b --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps \
+      ${k%-wp} --multi-step-with-prefill --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm \
+      --num-prompts 512 --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
     serve-ragged-1b-k*) step "$s" 420 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b \
       --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps ${s#serve-ragged-1b-k} \
       --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm --num-prompts 512 \

@@ -63,8 +63,8 @@ def build_requests(args, vocab_size: int) -> list[BenchRequest]:
 
 def engine_kwargs(args, requests: list[BenchRequest]) -> dict:
     """`LLM(...)` keyword arguments from the flags; --max-model-len defaults to the workload's longest request.
-    async_scheduling and num_scheduler_steps are passed only when given and this jaxpaged's EngineArgs has them
-    (so the script also measures older commits)."""
+    async_scheduling, num_scheduler_steps and multi_step_with_prefill are passed only when given and this
+    jaxpaged's EngineArgs has them (so the script also measures older commits)."""
     from jaxpaged.config import EngineArgs
 
     longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
@@ -72,7 +72,7 @@ def engine_kwargs(args, requests: list[BenchRequest]) -> dict:
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   attention_impl=args.attention_impl)
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    for name in ("async_scheduling", "num_scheduler_steps"):
+    for name in ("async_scheduling", "num_scheduler_steps", "multi_step_with_prefill"):
         value = getattr(args, name)
         if value is not None and name in fields:
             kwargs[name] = value
@@ -177,6 +177,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="passed to the engine if it has the option (default: the engine's default)")
     p.add_argument("--num-scheduler-steps", type=int, default=None,
                    help="decode sub-steps per scheduling pass, passed as --async-scheduling is")
+    p.add_argument("--multi-step-with-prefill", action="store_true", default=None,
+                   help="steps with prefills are multi-step too, passed as --async-scheduling is")
     return p
 
 

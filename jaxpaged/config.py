@@ -25,6 +25,10 @@ class EngineArgs:
     sampled ids fed to the next on the device; the host schedules, sends inputs and processes outputs once per
     step instead of once per token. A request that stops early has its extra tokens dropped; a request that
     arrives meanwhile waits for the step to end (time to first token is the cost of larger values).
+    `multi_step_with_prefill` (off by default: not yet measured on a GPU) makes a step with prefills a multi-step
+    one too: the prefill chunks and every decode's next token share one forward pass, then the decodes run up to
+    `num_scheduler_steps` more tokens in the multi-step program (vLLM v0's multi-step with chunked prefill), so an
+    arriving request no longer cuts the running ones to one token per step; its first token waits for those.
     `coordinator_address` / `num_processes` / `process_id` join a `jax.distributed` group of several processes
     (hosts), whose devices the model then spans (`jaxpaged.distributed`); None reads JAX's environment variables.
     """
@@ -49,6 +53,7 @@ class EngineArgs:
     disable_log_stats: bool = True
     async_scheduling: bool = True
     num_scheduler_steps: int = 1
+    multi_step_with_prefill: bool = False
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None

@@ -108,7 +108,8 @@ class LLMEngine:
             log_plan(self.model, num_pages * per_page)
         self.page_manager = PageManager(num_pages, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.page_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
-                                   args.num_scheduler_steps, self.runner.multi_step_ready.is_set)
+                                   args.num_scheduler_steps, self.runner.multi_step_ready.is_set,
+                                   args.multi_step_with_prefill)
         self.eos_token_ids = self._eos_token_ids()
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.groups = self.output_processor.groups  # request id -> RequestGroup, live requests only

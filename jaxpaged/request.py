@@ -37,8 +37,8 @@ class Request:
     NOTE: `num_computed_tokens` counts tokens whose K/V are in this request's pages or are being written by a
     scheduled step; it catches up to `num_tokens` (prompt + output + pending). `num_pending` counts tokens that
     scheduled steps will sample but whose ids have not reached the host yet (async scheduling: at most two
-    steps' worth, each up to `num_scheduler_steps` tokens). Ids sampled after the request finished are dropped.
-    A preempted request drops to 0 and is recomputed.
+    steps' worth, each up to `num_scheduler_steps` tokens, one more with `multi_step_with_prefill`). Ids sampled
+    after the request finished are dropped. A preempted request drops to 0 and is recomputed.
     """
 
     request_id: str

@@ -36,7 +36,7 @@ from jaxpaged.prompt_logprobs import PromptChunk, prompt_chunks, prompt_targets
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
-from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
                                     prompt_logprobs_step, sample_step, split_steps, update_tables)
 
@@ -55,11 +55,18 @@ class StepHandle:
     out: SamplerOutput  # device arrays, rows in scheduling order ([K, S, ...] for a K-step decode)
     prompt_chunks: list[PromptChunk] = dataclasses.field(default_factory=list)
     prompt_out: SamplerOutput | None = None  # [T, ...] logprobs of the prompt tokens that `prompt_chunks` score
+    # a multi-step with prefills: the scheduled rows that decoded on, and their [K, R, ...] outputs
+    decode_rows: list[int] = dataclasses.field(default_factory=list)
+    decode_out: SamplerOutput | None = None
 
     def result(self) -> list[SamplerOutput]:
-        """Each sub-step's sampled ids and logprobs as NumPy arrays (one sub-step unless the step is a multi-step
-        decode; waits for the device)."""
+        """Each sub-step's sampled ids and logprobs as NumPy arrays, rows in scheduling order (one sub-step unless
+        the step is a multi-step decode; waits for the device)."""
         out = jax.device_get(self.out)
+        if self.decode_out is not None:  # the forward pass's sub-step, then the decode rows' K more
+            rows, num_rows = np.asarray(self.decode_rows), out.token_ids.shape[0]
+            return [out] + [jax.tree.map(functools.partial(_at_rows, rows, num_rows), d)
+                            for d in split_steps(jax.device_get(self.decode_out))]
         return split_steps(out) if self.sched.num_steps > 1 else [out]
 
     def prompt_result(self) -> SamplerOutput | None:
@@ -312,7 +319,7 @@ class ModelRunner:
             self._add_request(f.child)
         self._copy_pages(sched.copies)
         self._send_page_updates(self.batch.page_updates(sched, pages_of))
-        if sched.num_steps > 1:
+        if sched.num_steps > 1 and not sched.with_prefill:
             return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)))
         num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.scheduled) + len(sched.forks))
         self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
@@ -332,7 +339,19 @@ class ModelRunner:
         flags = self.sampling.flags(lay.row_slots)
         sampler = self._program(self._stand_in(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1])))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        return _handle(StepHandle(sched, out, chunks, prompt_out))
+        handle = StepHandle(sched, out, chunks, prompt_out)
+        if sched.with_prefill:
+            handle.decode_rows, handle.decode_out = self._launch_decode_rows(sched)
+        return _handle(handle)
+
+    def _launch_decode_rows(self, sched: SchedulerOutput) -> tuple[list[int], SamplerOutput]:
+        """The multi-step decode after a forward pass with prefills: each decode row (`num_steps` > 1) runs its
+        other `num_steps - 1` tokens from the token that pass sampled (on the device, in `slot_tokens`). Returns
+        those rows and the decode's outputs."""
+        rows = [i for i, s in enumerate(sched.scheduled) if s.num_steps > 1]
+        decodes = SchedulerOutput([ScheduledRequest(s.request, s.num_computed_tokens + 1, 1, True, s.num_steps - 1)
+                                   for s in (sched.scheduled[i] for i in rows)], [], sched.num_steps)
+        return rows, self._launch_decode(decodes, self.buckets.num_seqs(len(rows))).out
 
     def _forward_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """The step's bucket, or while forward programs compile in the background, the smallest compiled one that
@@ -418,9 +437,16 @@ class ModelRunner:
 
 def _handle(handle: StepHandle) -> StepHandle:
     """Starts the copies of the step's results to the host."""
-    for leaf in jax.tree.leaves((handle.out, handle.prompt_out)):
+    for leaf in jax.tree.leaves((handle.out, handle.prompt_out)):  # `decode_out`'s start in `_launch_decode`
         leaf.copy_to_host_async()
     return handle
+
+
+def _at_rows(rows: np.ndarray, num_rows: int, x: np.ndarray) -> np.ndarray:
+    """`x` [R, ...] (R >= len(rows)) placed at `rows` of a zero array [num_rows, ...]."""
+    placed = np.zeros((num_rows, *x.shape[1:]), x.dtype)
+    placed[rows] = x[:len(rows)]
+    return placed
 
 
 def _banned(req: Request, position: int) -> list[int]:

@@ -44,6 +44,9 @@ class SchedulerOutput:
     num_steps: int = 1  # > 1: a multi-step decode (every row a one-token decode, up to this many sub-steps)
     forks: list[Fork] = dataclasses.field(default_factory=list)
     copies: list[PageCopy] = dataclasses.field(default_factory=list)
+    # with num_steps > 1: the rows also hold prefill chunks; every row is computed by one forward pass, then the
+    # decode rows (`ScheduledRequest.num_steps` > 1) run num_steps more sub-steps in a multi-step decode
+    with_prefill: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +68,10 @@ class Scheduler:
     With `num_scheduler_steps` > 1, a step in which every running request decodes and no waiting request could
     be admitted is a multi-step decode: each request gets pages for, and is planned to sample, up to that many
     tokens (fewer near max_tokens or max_model_len). Requests with penalties, beams or min_tokens ahead need each
-    token on the host before the next, so their presence keeps steps single.
+    token on the host before the next, so their presence keeps steps single. With `multi_step_with_prefill`, a
+    step that also admits or continues prefills is one too (`SchedulerOutput.with_prefill`): the prefill chunks
+    and each decode's next token share a forward pass, after which the decodes run up to `num_scheduler_steps`
+    more tokens, so that arrivals do not cut every running request down to one token per step.
 
     A request with `forks` (the other children of an `n > 1` request) computes the prompt alone; the step that
     samples its first token forks them (`Fork`): they share its pages and join the running list after that step.
@@ -73,9 +79,11 @@ class Scheduler:
     """
 
     def __init__(self, page_manager: PageManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, num_scheduler_steps: int = 1, multi_step_ready=lambda: True):
+                 max_model_len: int, num_scheduler_steps: int = 1, multi_step_ready=lambda: True,
+                 multi_step_with_prefill: bool = False):
         self.pages = page_manager
         self.num_scheduler_steps = num_scheduler_steps
+        self.multi_step_with_prefill = multi_step_with_prefill
         self.multi_step_ready = multi_step_ready  # () -> bool: False while the multi-step programs compile
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -103,7 +111,8 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         running, max_len, allocate = self.running, self.max_model_len, self.pages.allocate
-        multi = self._multi_step_count()
+        multi, with_prefill = self._multi_step_count()
+        decode_steps = multi + with_prefill  # the forward pass's token first, with prefills
         i = 0
         while i < len(running) and budget > 0:  # one pass per running request per step: kept to plain arithmetic
             req = running[i]
@@ -120,8 +129,9 @@ class Scheduler:
                 i += 1
                 continue
             steps = 1
-            if multi > 1:  # a one-token decode: up to `multi` tokens within max_model_len and max_tokens
-                steps = min(multi, max_len - num_tokens, multi if max_tokens is None else max_tokens - num_outputs)
+            if multi > 1 and num_tokens - req.num_computed_tokens == 1:  # a decode: more tokens within the limits
+                steps = min(decode_steps, max_len - num_tokens,
+                            decode_steps if max_tokens is None else max_tokens - num_outputs)
             if not (steps > 1 and allocate(req, steps)):
                 steps = 1
                 if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):
@@ -133,22 +143,27 @@ class Scheduler:
             budget = self._admit_waiting(scheduled, budget)
         # One program length (the configured count) whatever the rows' own counts, so no other length compiles.
         num_steps = multi if multi > 1 and any(s.num_steps > 1 for s in scheduled) else 1
+        with_prefill = with_prefill and num_steps > 1  # then the decode rows plan the forward's token too
         forks, self._forks = self._forks, []
         self.running.extend(f.child for f in forks)  # only now: they must not be scheduled in their fork step
-        return SchedulerOutput(scheduled, preempted, num_steps, forks, self.pages.take_copies())
+        return SchedulerOutput(scheduled, preempted, num_steps, forks, self.pages.take_copies(), with_prefill)
 
-    def _multi_step_count(self) -> int:
-        """`num_scheduler_steps` when this step can be a multi-step decode, else 1."""
-        if self.num_scheduler_steps == 1 or not self.running or not self.multi_step_ready() or (
-                self.waiting and len(self.running) < self.max_num_seqs):
-            return 1
+    def _multi_step_count(self) -> tuple[int, bool]:
+        """(`num_scheduler_steps`, whether prefills may share the step) when this step can be a multi-step
+        decode, else (1, False)."""
+        if self.num_scheduler_steps == 1 or not self.running or not self.multi_step_ready():
+            return 1, False
+        prefilling = bool(self.waiting) and len(self.running) < self.max_num_seqs  # an admission may come
         for req in self.running:
             # NOTE: a request with forks ahead samples its first token here and forks after that token: in a
             # multi-step decode its own later sub-steps would be counted as its children's computed tokens.
-            if (req.num_computed_tokens != req.num_tokens - 1 or req.host_sync or req.forks
+            if (req.host_sync or req.forks
                     or req.sampling_params.min_tokens > len(req.output_token_ids) + req.num_pending):
-                return 1
-        return self.num_scheduler_steps
+                return 1, False
+            prefilling = prefilling or req.num_computed_tokens != req.num_tokens - 1
+        if prefilling and not self.multi_step_with_prefill:
+            return 1, False
+        return self.num_scheduler_steps, prefilling
 
     def _preempt_for(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
         """Preempts the most recently admitted running requests until `req` gets its pages; False if `req`

@@ -141,6 +141,33 @@ def test_multi_step_decode_gives_same_outputs_in_fewer_steps(baseline, small_poo
     assert multi_steps < single_steps * 0.6, (multi_steps, single_steps)
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_multi_step_with_prefill_gives_same_outputs_while_requests_arrive(baseline, small_pool, async_scheduling):
+    """Each prompt arrives two steps after the previous one, so prefills meet running decodes: with
+    `multi_step_with_prefill` those steps decode on after their forward pass, and the tokens do not change."""
+    _, tokens, _ = baseline
+    with configured(small_pool, async_scheduling, num_scheduler_steps=4) as engine:
+        engine.scheduler.multi_step_with_prefill = True
+        launches = []
+        launch = engine.runner.launch
+        engine.runner.launch = lambda sched, pages_of: launches.append(sched.with_prefill) or launch(sched, pages_of)
+        try:
+            done, step = {}, 0
+            while len(done) < len(PROMPTS):
+                if step % 2 == 0 and step // 2 < len(PROMPTS):
+                    engine.add_request(str(step // 2), PROMPTS[step // 2], PARAMS)
+                done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+                step += 1
+            while engine.has_unfinished_requests():
+                engine.step()
+        finally:
+            engine.scheduler.multi_step_with_prefill = False
+            del engine.runner.launch
+    assert [done[str(i)] for i in range(len(PROMPTS))] == tokens
+    assert sum(launches) >= 3  # steps that prefilled and decoded on
+    assert engine.page_manager.usage == 0
+
+
 def test_multi_step_decode_stops_where_single_steps_stop(baseline, small_pool):
     """Stop strings, stop ids, EOS and max_tokens met inside a multi-step decode: the extra tokens are dropped."""
     single = baseline[0]

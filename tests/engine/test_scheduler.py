@@ -110,6 +110,22 @@ def test_multi_step_decode_plans_up_to_the_step_count_within_max_tokens_and_page
     s.pages.check_invariants()
 
 
+def test_multi_step_with_prefill_decodes_on_past_an_arrival_and_plans_the_forward_token_too():
+    for with_prefill in (False, True):
+        s = make(num_pages=64, page_size=4, max_seqs=4, budget=16, num_steps=4)
+        s.multi_step_with_prefill = with_prefill
+        a = add(s, "a", 6, max_tokens=20)
+        step(s)  # a's prompt; it samples its first token
+        add(s, "b", 10, max_tokens=20, base=100)  # arrives while a decodes
+        out = step(s)
+        assert [(r.request.request_id, r.num_new_tokens, r.num_steps) for r in out.scheduled] == (
+            [("a", 1, 5), ("b", 10, 1)] if with_prefill else [("a", 1, 1), ("b", 10, 1)])
+        assert (out.num_steps, out.with_prefill) == ((4, True) if with_prefill else (1, False))
+        assert a.num_computed_tokens == 6 + (5 if with_prefill else 1) and len(a.output_token_ids) == (
+            6 if with_prefill else 2)
+        s.pages.check_invariants()
+
+
 def test_multi_step_decode_falls_back_to_one_step_when_pages_run_short():
     s = make(num_pages=3, page_size=4, budget=16, num_steps=4)  # 2 usable pages: 8 tokens of K/V
     a = add(s, "a", 5, max_tokens=10)
