@@ -6,9 +6,10 @@ sequence bucket) returns the last hidden state of each sequence, and the sampler
 reads the ids it has not received yet. Sampling variants thus multiply only the small sampler programs, not the
 forward buckets. A multi-step decode (the scheduler's `num_steps > 1`) is one program per sequence bucket and
 flags that runs the decode steps in a loop on the device; in a multi-step with prefills (`with_prefill`) the
-forward pass and sampler run first, and the same program continues the decode rows from their sampled ids. Steps with prompt logprobs run a third program (one
-per token bucket) on every token's hidden state; steps that fork or write into shared pages first run the page
-copies. Results are copied to the host asynchronously; `StepHandle.result()` waits for them.
+forward pass and sampler run first, and the same program continues the decode rows from their sampled ids.
+Steps with prompt logprobs run a third program (one per token bucket) on every token's hidden state; steps that
+fork or write into shared pages first run the page copies. Results are copied to the host asynchronously;
+`StepHandle.result()` waits for them.
 """
 
 import concurrent.futures
