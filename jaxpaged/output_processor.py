@@ -35,7 +35,6 @@ class RequestGroup:
     prompt_logprobs: PromptLogprobs | None = None  # filled as the prompt's chunks are computed
     sent_prompt_logprobs: bool = False
     beam: BeamState | None = None  # a beam search: its outputs come from BeamProcessor
-    stop_ids: frozenset[int] = frozenset()  # ids that end a child: stop_token_ids, and EOS unless ignore_eos
 
     def __post_init__(self) -> None:
         self.sent_tokens = [0] * len(self.children)
@@ -82,9 +81,7 @@ class OutputProcessor:
         detoks = [make_detokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
                   for _ in children]
-        eos = frozenset() if params.ignore_eos else children[0].eos_token_ids
-        group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks,
-                             stop_ids=frozenset(params.stop_token_ids) | eos)
+        group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks)
         self.groups[request_id] = group
         for i, child in enumerate(children):
             child.group, child.index = group, i
@@ -135,15 +132,15 @@ class OutputProcessor:
         that meets a stop condition, which it returns (`tokens` is cut there); checked per token in vLLM's order:
         stop string, stop token id, EOS, max_tokens, max_model_len. Without stop strings and logprobs, ids that
         hold no stop id and stay within the limits are taken in one go."""
-        p, group = req.sampling_params, req.group
-        detok = group.detokenizers[req.index]
+        p = req.sampling_params
+        detok = req.group.detokenizers[req.index]
         num_outputs = len(req.output_token_ids)
         room = self.max_model_len - len(req.prompt_token_ids) - num_outputs  # outputs before a length limit
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - num_outputs)
         per_token = bool(p.stop) or p.logprobs is not None
         status = None
-        if per_token or len(tokens) >= room or not group.stop_ids.isdisjoint(tokens):
+        if per_token or len(tokens) >= room or not req.stop_ids.isdisjoint(tokens):
             for j, token in enumerate(tokens):
                 if p.logprobs is not None:
                     self._add_logprobs(req, token, outs[j], row)

@@ -134,9 +134,7 @@ class PageManager:
             shared = [i for i in range(req.num_computed_tokens // size, min(len(pages), -(-total // size)))
                       if self.ref_counts[pages[i]] > 1]
             if not shared and total <= len(pages) * size:  # the common decode step, inside its own pages
-                if self.enable_prefix_caching and min(total, req.num_known_tokens) // size > self._num_hashed.get(
-                        req.request_id, 0):  # a page of known tokens filled up
-                    self._cache_full_pages(req, pages, total // size)
+                self._cache_full_pages(req, pages, total // size)  # returns at once unless a known page filled up
                 return True
         pages = self.req_pages.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(cached_pages) * size

@@ -61,9 +61,12 @@ class Request:
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # chained hashes of full pages, in order
     forks: list["Request"] = dataclasses.field(default_factory=list)  # siblings to fork once the prompt is computed
     host_sync: bool = False  # each token must reach the host before the next step (penalties, beam search)
+    stop_ids: frozenset[int] = dataclasses.field(init=False, default=frozenset())  # stop ids, EOS unless ignored
 
     def __post_init__(self) -> None:
         self.host_sync = self.host_sync or self.sampling_params.has_penalties  # penalties read tokens on the host
+        p = self.sampling_params
+        self.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -455,4 +455,4 @@ def _banned(req: Request, position: int) -> list[int]:
     p = req.sampling_params
     if position >= p.min_tokens:
         return []
-    return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids))
+    return sorted(req.stop_ids)

@@ -154,15 +154,18 @@ class Scheduler:
         if self.num_scheduler_steps == 1 or not self.running or not self.multi_step_ready():
             return 1, False
         prefilling = bool(self.waiting) and len(self.running) < self.max_num_seqs  # an admission may come
+        if prefilling and not self.multi_step_with_prefill:
+            return 1, False
         for req in self.running:
             # NOTE: a request with forks ahead samples its first token here and forks after that token: in a
             # multi-step decode its own later sub-steps would be counted as its children's computed tokens.
             if (req.host_sync or req.forks
                     or req.sampling_params.min_tokens > len(req.output_token_ids) + req.num_pending):
                 return 1, False
-            prefilling = prefilling or req.num_computed_tokens != req.num_tokens - 1
-        if prefilling and not self.multi_step_with_prefill:
-            return 1, False
+            if req.num_computed_tokens != req.num_tokens - 1:  # a prefill in progress
+                if not self.multi_step_with_prefill:
+                    return 1, False
+                prefilling = True
         return self.num_scheduler_steps, prefilling
 
     def _preempt_for(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
