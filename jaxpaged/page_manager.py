@@ -129,11 +129,17 @@ class PageManager:
         size = self.page_size
         pages = self.req_pages.get(req.request_id)
         shared = []
-        if pages is not None and not cached_pages:
+        if pages is not None and not cached_pages:  # a running request grows
             total = req.num_computed_tokens + num_new_tokens
-            shared = [i for i in range(req.num_computed_tokens // size, min(len(pages), -(-total // size)))
-                      if self.ref_counts[pages[i]] > 1]
-            if not shared and total <= len(pages) * size:  # the common decode step, inside its own pages
+            if self._num_refs > self.num_pages - 1 - len(self.free):  # some page is shared: copy-on-write ahead?
+                shared = [i for i in range(req.num_computed_tokens // size, min(len(pages), -(-total // size)))
+                          if self.ref_counts[pages[i]] > 1]
+            if not shared:  # the common decode step: its own pages, and new ones past them
+                num_needed = -(-total // size) - len(pages)
+                if num_needed > len(self.free):
+                    return False
+                for _ in range(num_needed):
+                    pages.append(self._take_free_page())
                 self._cache_full_pages(req, pages, total // size)  # returns at once unless a known page filled up
                 return True
         pages = self.req_pages.setdefault(req.request_id, [])
