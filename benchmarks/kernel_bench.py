@@ -1,7 +1,6 @@
 """Kernel micro-benchmarks on one GPU: ragged paged attention vs copy bandwidth, JAX's shipped paged kernel, cuDNN.
 
-    python3 benchmarks/kernel_bench.py [--quick] [--part decode,prefill,fused,kvwrite] [--sweep decode,prefill] \
-        [--out r.jsonl]
+    python3 benchmarks/kernel_bench.py [--quick] [--part decode,prefill,fused] [--sweep decode,prefill] [--out r.jsonl]
 
 Every kernel is first checked against the pure-JAX reference on the benchmark inputs (compiled, on the GPU), then
 timed by `time_us`: chained calls in one jitted loop, page tables rotating over disjoint page sets so that K/V come
@@ -20,12 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.kernels import ragged_paged_attention_reference
-from jaxpaged.kernels.gpu_kv_write import write_kv_pages_gpu
+from jaxpaged.kernels import ragged_paged_attention_reference, write_kv_pages
 from jaxpaged.kernels.gpu_split import (GpuConfig, decode_splits, ragged_paged_attention_gpu,
                                        ragged_paged_attention_gpu_fused)
 from jaxpaged.kernels.ops import slot_mapping
-from jaxpaged.kernels.reference import write_kv_pages as write_kv_pages_xla
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -252,8 +249,7 @@ def prefill_case(T, h, kvh, d, kind, q_lens, kv_lens, args):
 
 
 def fused_rows(args):
-    """The engine's ways to add a step's K/V: XLA's scatter or the Pallas KV write then attention, or the fused
-    kernel."""
+    """The engine's two ways to add a step's K/V: scatter then attention, or the fused kernel."""
     cases = [("decode", [1] * 64, [1024] * 64), ("decode", [1] * 256, [4096] * 256),
              ("mixed", [512] * 4 + [1] * 64, [1536] * 4 + [2048] * 64),
              ("prefill", [2048], [2048]), ("prefill", [8192], [8192])]  # fused: new keys read in token order
@@ -266,47 +262,19 @@ def fused_rows(args):
         meta = (b.kv_lens, b.tables[0], b.cu, b.num_seqs)
         slots = slot_mapping(16, *meta, t)
 
-        def then_attention(write, slots=slots, scale=scale):
-            def fn(carry, _, kn, vn, *meta):
-                q, kp, vp = carry
-                kp, vp = write(kp, vp, kn, vn, slots)
-                return ragged_paged_attention_gpu(q, kp, vp, *meta, sm_scale=scale), kp, vp
-            return fn
+        def scatter(carry, _, kn, vn, *meta, slots=slots, scale=scale):
+            q, kp, vp = carry
+            kp, vp = write_kv_pages(kp, vp, kn, vn, slots)
+            return ragged_paged_attention_gpu(q, kp, vp, *meta, sm_scale=scale), kp, vp
 
         def fused(carry, _, kn, vn, *meta, scale=scale):
             return ragged_paged_attention_gpu_fused(carry[0], kn, vn, *carry[1:], *meta, sm_scale=scale)
 
         row = dict(part="fused", kind=kind, B=len(q_lens), T=t, L=max(kv_lens))
         x = (b.q, b.k_pages, b.v_pages)
-        for name, fn in (("scatter_then_attention", then_attention(write_kv_pages_xla)),
-                         ("kv_write_then_attention", then_attention(write_kv_pages_gpu)), ("fused", fused)):
+        for name, fn in (("scatter_then_attention", scatter), ("fused", fused)):
             row[f"{name}_us"] = time_us(fn, x, jnp.zeros((1,)), (kn, vn, *meta))
         yield row
-
-
-def kv_write_rows(args):
-    """The KV write alone: XLA's scatter vs the Pallas launch, decode-sized (one token per sequence, scattered
-    pages) and prefill-sized (whole pages in order) steps."""
-    num_pages, page_size = 20_000, 16
-    for kv_heads, head_dim in ((8, 64), (8, 128)):
-        for kind, t in (("decode", 256), ("prefill", 8192)):
-            rng = np.random.default_rng(0)
-            if kind == "decode":
-                slots = rng.choice(np.arange(1, num_pages), t, replace=False) * page_size + rng.integers(0, page_size, t)
-            else:
-                slots = np.arange(t) + page_size * int(rng.integers(1, num_pages - t // page_size))
-            pages = jnp.zeros((num_pages, page_size, kv_heads, head_dim), jnp.bfloat16)
-            kn, vn = (jax.random.normal(jax.random.key(i), (t, kv_heads, head_dim), jnp.bfloat16) for i in (1, 2))
-            slots = jnp.asarray(slots, jnp.int32)
-            want = write_kv_pages_xla(pages, pages, kn, vn, slots)
-            got = write_kv_pages_gpu(pages, pages, kn, vn, slots)
-            row = dict(part="kvwrite", kind=kind, T=t, heads=f"{kv_heads}x{head_dim}",
-                       equal=all(bool((g == w).all()) for g, w in zip(got, want)),
-                       bytes=2 * 2 * kn.nbytes)  # K and V, read and written
-            for name, write in (("xla_scatter", write_kv_pages_xla), ("pallas", write_kv_pages_gpu)):
-                row[f"{name}_us"] = time_us(lambda x, _, kn, vn, s, w=write: w(*x, kn, vn, s), (pages, pages),
-                                            jnp.zeros((1,)), (kn, vn, slots))
-            yield row
 
 
 def table(rows, copy_bw):
@@ -317,10 +285,6 @@ def table(rows, copy_bw):
             cells = [f"{k} {v:.1f}us {r['kv_bytes'] / (v * 1e-6) / copy_bw:.0%}" for k, v in us.items()]
             lines.append(f"decode B={r['B']:<3} L={r['L']:<5} {r['heads']:<9} splits={r['splits']:<2} | "
                          + " | ".join(cells) + f" | shipped cfg {r.get('shipped_cfg')}")
-        elif r["part"] == "kvwrite":
-            cells = [f"{k} {v:.1f}us {r['bytes'] / (v * 1e-6) / copy_bw:.0%}" for k, v in us.items()]
-            lines.append(f"kvwrite {r['kind']:<7} T={r['T']:<5} {r['heads']} equal={r['equal']} | "
-                         + " | ".join(cells))
         elif r["part"] == "fused":
             cells = [f"{k} {v:.1f}us" for k, v in us.items()]
             lines.append(f"fused   {r['kind']:<6} B={r['B']:<3} T={r['T']:<5} L={r['L']:<5} | " + " | ".join(cells))
@@ -343,7 +307,7 @@ def main():
                    default=[(32, 8, 128), (9, 3, 64)], help="decode shapes heads/kv_heads/head_dim, e.g. 32/8/128")
     p.add_argument("--shipped-from", default=None,
                    help="JSON lines of an earlier run: time the shipped kernel only in the config that won there")
-    p.add_argument("--part", default="decode,prefill,fused", help="comma-separated: decode, prefill, fused, kvwrite")
+    p.add_argument("--part", default="decode,prefill,fused", help="comma-separated: decode, prefill, fused")
     p.add_argument("--out", default=None, help="JSON lines, one per case")
     args = p.parse_args()
     args.shipped = {}
@@ -361,7 +325,7 @@ def main():
     rows = []
     parts = args.part.split(",")
     gens = {"decode": lambda: decode_rows(args, args.quick), "prefill": lambda: prefill_rows(args),
-            "fused": lambda: fused_rows(args), "kvwrite": lambda: kv_write_rows(args)}
+            "fused": lambda: fused_rows(args)}
     gens = [gens[part]() for part in parts]
     for gen in gens:
         for row in gen:

@@ -91,7 +91,7 @@ def _paged_attention(mesh, impl: str, sm_scale: float, q, k, v, k_pages, v_pages
     pages. With a mesh, each device runs both on its own heads and its share of the pool (heads split over the
     mesh axis, metadata replicated): no communication inside attention."""
     def attend(q, k, v, k_pages, v_pages, md):
-        k_pages, v_pages = write_kv_pages(k_pages, v_pages, k, v, md.slot_mapping, impl=impl)
+        k_pages, v_pages = write_kv_pages(k_pages, v_pages, k, v, md.slot_mapping)
         out = ragged_paged_attention(q, k_pages, v_pages, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
                                      sm_scale=sm_scale, impl=impl, decode_only=md.decode_only)
         return out, k_pages, v_pages

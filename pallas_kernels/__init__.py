@@ -1,7 +1,7 @@
 """Ragged paged attention: pure-JAX reference and Pallas kernels for GPU and TPU."""
 
-from jaxpaged.kernels.ops import IMPLS, ragged_paged_attention, resolve_impl, write_kv_pages
-from jaxpaged.kernels.reference import PAD_SLOT, ragged_paged_attention_reference
+from jaxpaged.kernels.ops import IMPLS, ragged_paged_attention, resolve_impl
+from jaxpaged.kernels.reference import PAD_SLOT, ragged_paged_attention_reference, write_kv_pages
 
 __all__ = [
     "IMPLS",

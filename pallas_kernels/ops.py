@@ -3,8 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels.reference import PAD_SLOT, ragged_paged_attention_reference, token_layout
-from jaxpaged.kernels.reference import write_kv_pages as write_kv_pages_xla
+from jaxpaged.kernels.reference import PAD_SLOT, ragged_paged_attention_reference, token_layout, write_kv_pages
 from jaxpaged.kernels.xla_blocked import ragged_paged_attention_xla
 
 IMPLS = ("auto", "reference", "xla", "gpu", "tpu")
@@ -63,29 +62,6 @@ def ragged_paged_attention(
     return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, interpret=interpret)
 
 
-def write_kv_pages(
-    k_pages: jax.Array,       # [num_pages, page_size, num_kv_heads, head_dim]
-    v_pages: jax.Array,       # same shape as k_pages
-    k: jax.Array,             # [T, num_kv_heads, head_dim]
-    v: jax.Array,             # [T, num_kv_heads, head_dim]
-    slot_mapping: jax.Array,  # [T] int32, page * page_size + offset; PAD_SLOT (-1): padding, written nowhere
-    *,
-    impl: str = "auto",
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Stores the step's new K/V in their page slots; in place when the pool is donated. Padding writes nothing.
-
-    On "gpu" one Pallas Triton launch (`gpu_kv_write`, rows of num_kv_heads * head_dim values) where the row width is
-    a power of two; elsewhere XLA's scatter (`reference.write_kv_pages`).
-    """
-    if resolve_impl(impl, k.shape[-1]) == "gpu":
-        from jaxpaged.kernels.gpu_kv_write import supports, write_kv_pages_gpu
-
-        if supports(k_pages.shape):
-            return write_kv_pages_gpu(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
-    return write_kv_pages_xla(k_pages, v_pages, k, v, slot_mapping)
-
-
 def ragged_paged_attention_fused(
     q: jax.Array,             # [T, num_q_heads, head_dim]
     k_new: jax.Array,         # [T, num_kv_heads, head_dim]  the step's new keys, token-aligned with q
@@ -113,8 +89,8 @@ def ragged_paged_attention_fused(
 
         return ragged_paged_attention_gpu_fused(q, k_new, v_new, k_pages, v_pages, *meta, sm_scale=sm_scale,
                                                 interpret=interpret)
-    k_pages, v_pages = write_kv_pages_xla(k_pages, v_pages, k_new, v_new, slot_mapping(k_pages.shape[1], *meta,
-                                                                                       q.shape[0]))
+    k_pages, v_pages = write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping(k_pages.shape[1], *meta,
+                                                                                   q.shape[0]))
     out = ragged_paged_attention(q, k_pages, v_pages, *meta, sm_scale=sm_scale, impl=impl, interpret=interpret)
     return out, k_pages, v_pages
 
