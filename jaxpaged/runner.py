@@ -44,7 +44,7 @@ from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode
 
 logger = logging.getLogger(__name__)
 
-_UPDATE_CHUNK = 512  # page-table entries per update call: one compiled shape, looped for rare large admissions
+_UPDATE_CHUNK = 512  # page-table entries a step program applies; more go first through the update program
 _COPY_CHUNK = 32  # copy-on-write page copies per call, likewise
 _BOUND_SHARE = 0.05  # the most of the free memory `kv_budget` reserves for activations without measuring first
 
@@ -99,7 +99,7 @@ class ModelRunner:
         self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32, device=self._replicated)
         self.attn_impl = attn_impl
         self.executable_cache = executable_cache or ExecutableCache(None, "")
-        self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1,), "prr")
+        self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1, 2), "prrr")
         self.prompt_fn = self._jit(functools.partial(prompt_logprobs_step, model), (), "r")
         self.update_fn = self._jit(update_tables, (0,), "r")
         self.copy_fn = self._jit(copy_pages, (0,), "p")
@@ -186,7 +186,8 @@ class ModelRunner:
 
     def _lower_forward(self, num_tokens: int, num_seqs: int, caches=None):
         return self.forward_fn.lower(self.model.params, caches or self.kv_caches, self.page_tables, self.slot_tokens,
-                                     self._spec((num_tokens,)), self._spec((4 * num_seqs + 2,)))
+                                     self._spec((num_tokens,)), self._spec((4 * num_seqs + 2,)),
+                                     self._spec((3, _UPDATE_CHUNK)))
 
     def _lower_sample(self, num_seqs: int, flags: SamplerFlags, penalty_width: int, banned_width: int):
         fn = self._jit(functools.partial(sample_step, self.model, flags), (1,), "rr")
@@ -197,10 +198,11 @@ class ModelRunner:
 
     def _lower_decode(self, num_seqs: int, num_steps: int, flags: SamplerFlags):
         fn = self._jit(functools.partial(decode_steps, self.model, self.attn_impl, self.page_size, flags, num_steps),
-                       (1, 3), "prr")
+                       (1, 2, 3), "prrr")
         spec = self._spec
         return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, spec((num_seqs,)),
-                        spec((4 * num_seqs + 2,)), spec((6, num_seqs), jnp.float32), spec((5, num_seqs)))
+                        spec((4 * num_seqs + 2,)), spec((6, num_seqs), jnp.float32), spec((5, num_seqs)),
+                        spec((3, _UPDATE_CHUNK)))
 
     def _lower_prompt(self, num_tokens: int):
         hidden = self._spec((num_tokens, self.model.config.hidden_size), self.model.dtype)
@@ -320,17 +322,17 @@ class ModelRunner:
         for f in sched.forks:
             self._add_request(f.child)
         self._copy_pages(sched.copies)
-        self._send_page_updates(self.batch.page_updates(sched, pages_of))
+        updates = self._table_updates(self.batch.page_updates(sched, pages_of))
         if sched.num_steps > 1 and not sched.with_prefill:
-            return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)))
+            return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)), updates)
         num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.scheduled) + len(sched.forks))
         self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
         lay = self.batch.layout(sched, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, lay.last_rows,
                                    np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
-        self.kv_caches, hidden, hidden_all = forward(self.model.params, self.kv_caches, self.page_tables,
-                                                     self.slot_tokens, lay.token_ids, seq_ints)
+        self.kv_caches, self.page_tables, hidden, hidden_all = forward(
+            self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, lay.token_ids, seq_ints, updates)
         chunks = prompt_chunks(sched, lay.cu_q_lens) if self._prompt_logprobs[lay.slots].any() else []
         prompt_out = None
         if chunks:
@@ -353,7 +355,8 @@ class ModelRunner:
         rows = [i for i, s in enumerate(sched.scheduled) if s.num_steps > 1]
         decodes = SchedulerOutput([ScheduledRequest(s.request, s.num_computed_tokens + 1, 1, True, s.num_steps - 1)
                                    for s in (sched.scheduled[i] for i in rows)], [], sched.num_steps)
-        return rows, self._launch_decode(decodes, self.buckets.num_seqs(len(rows))).out
+        no_updates = self._table_updates(([], [], []))  # the forward pass applied the step's
+        return rows, self._launch_decode(decodes, self.buckets.num_seqs(len(rows)), no_updates).out
 
     def _forward_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """The step's bucket, or while forward programs compile in the background, the smallest compiled one that
@@ -372,9 +375,10 @@ class ModelRunner:
         wider = wider_key(key)
         return wider if wider in self.executables else key
 
-    def _launch_decode(self, sched: SchedulerOutput, num_seqs: int) -> StepHandle:
+    def _launch_decode(self, sched: SchedulerOutput, num_seqs: int, updates: np.ndarray) -> StepHandle:
         """A multi-step decode: every scheduled row is a one-token decode that runs `ScheduledRequest.num_steps`
-        sub-steps (the scheduler leaves rows with penalties or min_tokens ahead to single steps)."""
+        sub-steps (the scheduler leaves rows with penalties or min_tokens ahead to single steps); `updates` as
+        `_table_updates` returns them."""
         lay = self.batch.layout(sched, num_seqs, num_seqs)
         steps = np.zeros(num_seqs, np.int32)
         steps[:lay.num_seqs] = [s.num_steps for s in sched.scheduled]
@@ -384,8 +388,9 @@ class ModelRunner:
         floats, ints = self._sampling_inputs(lay)
         program = self._program(self._stand_in(("decode", num_seqs, sched.num_steps,
                                                 self.sampling.flags(lay.row_slots))))
-        self.kv_caches, self.slot_tokens, out = program(self.model.params, self.kv_caches, self.page_tables,
-                                                        self.slot_tokens, lay.token_ids, seq_ints, floats, ints)
+        self.kv_caches, self.page_tables, self.slot_tokens, out = program(
+            self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, lay.token_ids, seq_ints, floats,
+            ints, updates)
         return _handle(StepHandle(sched, out))
 
     def _sampling_inputs(self, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -403,15 +408,22 @@ class ModelRunner:
             chunk[1, :len(part)] = [c.dst for c in part]
             self.kv_caches = self._program(("copy",))(self.kv_caches, chunk)
 
-    def _send_page_updates(self, updates: tuple[list[int], list[int], list[int]]) -> None:
+    def _table_updates(self, updates: tuple[list[int], list[int], list[int]]) -> np.ndarray:
+        """The step program's chunk [3, _UPDATE_CHUNK] of page-table entries (slots, columns, page ids; padding
+        targets the pad row): the last `_UPDATE_CHUNK` or fewer. Chunks before it (large admissions) go through
+        the update program now, so they land first."""
         rows, cols, vals = updates
-        update = self._program(("update",))
-        for at in range(0, len(rows), _UPDATE_CHUNK):
+        last = max(len(rows) - 1, 0) // _UPDATE_CHUNK * _UPDATE_CHUNK
+        chunks = []
+        for at in range(0, last + 1, _UPDATE_CHUNK):
             chunk = np.zeros((3, _UPDATE_CHUNK), np.int32)
             chunk[0] = self.batch.pad_slot
-            n = min(_UPDATE_CHUNK, len(rows) - at)
+            n = max(min(_UPDATE_CHUNK, len(rows) - at), 0)
             chunk[0, :n], chunk[1, :n], chunk[2, :n] = rows[at:at + n], cols[at:at + n], vals[at:at + n]
-            self.page_tables = update(self.page_tables, chunk)
+            chunks.append(chunk)
+        for chunk in chunks[:-1]:
+            self.page_tables = self._program(("update",))(self.page_tables, chunk)
+        return chunks[-1]
 
     def _token_lists(self, sched: SchedulerOutput, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """Penalty windows [S, W] (prompt + outputs; W = 1 when no row has penalties) and banned ids [S, K]

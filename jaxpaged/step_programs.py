@@ -35,14 +35,16 @@ def _metadata(page_indices, seq_ids, positions, live, kv_lens, cu_q_lens, num_se
 
 
 def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_caches, page_tables, slot_tokens,
-                 token_ids, seq_ints):
+                 token_ids, seq_ints, table_updates):
     """Forward pass of a padded ragged batch; returns the updated pool and each sequence's last hidden state.
 
     token_ids [T] int32; seq_ints [4S + 2]: cu_q_lens [S + 1], kv_lens [S], slots [S], last_rows [S] (the token
     whose hidden state each sampler row reads: a sequence's last token, or for a forked child its parent's),
-    num_seqs [1]. Returns the pool (argument 1, donated), the sampler rows' hidden states [S, hidden] and every
-    token's [T, hidden] (read only by `prompt_logprobs_step`).
+    num_seqs [1]; table_updates [3, U]: page-table entries applied first (`update_tables`). Returns the pool and
+    the page tables (arguments 1 and 2, donated), the sampler rows' hidden states [S, hidden] and every token's
+    [T, hidden] (read only by `prompt_logprobs_step`).
     """
+    page_tables = update_tables(page_tables, table_updates)
     num_tokens, num_seqs = token_ids.shape[0], (seq_ints.shape[0] - 2) // 4
     cu_q_lens, kv_lens = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
     slots, last_rows = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:4 * num_seqs + 1]
@@ -52,7 +54,7 @@ def forward_step(model: LoadedModel, attn_impl: str, page_size: int, params, kv_
     positions = jnp.where(live, positions, 0)
     md = _metadata(page_tables[slots], seq_ids, positions, live, kv_lens, cu_q_lens, n, page_size)
     hidden, kv_caches = model.forward(params, token_ids, md, kv_caches, attn_impl=attn_impl)
-    return kv_caches, hidden[last_rows], hidden  # [S, hidden], [T, hidden]
+    return kv_caches, page_tables, hidden[last_rows], hidden  # [S, hidden], [T, hidden]
 
 
 def sample_step(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hidden, floats, ints, penalty_tokens,
@@ -66,17 +68,19 @@ def sample_step(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hi
 
 
 def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: SamplerFlags, num_steps: int, params,
-                 kv_caches, page_tables, slot_tokens, token_ids, seq_ints, floats, ints):
+                 kv_caches, page_tables, slot_tokens, token_ids, seq_ints, floats, ints, table_updates):
     """Up to `num_steps` decode steps of S one-token sequences in one program (a `lax.scan`), each step's sampled
     ids fed to the next on the device.
 
     token_ids [S] int32: each sequence's input token; seq_ints [4S + 2]: cu_q_lens [S + 1], kv_lens [S] (after
     the first step's K/V), slots [S], steps [S] (sub-steps this sequence runs: a sequence stops writing K/V
     after its own count, and its later samples are dropped by the host), num_seqs [1]. floats / ints as in
-    `sample_step`, positions for the first sub-step. Rows use neither penalties nor banned ids (the scheduler
-    runs those in single steps). Returns the pool, `slot_tokens` with each sequence's last sampled id, and the
-    sampler outputs stacked [num_steps, S, ...]. Pool and slot_tokens (arguments 1 and 3) are donated.
+    `sample_step`, positions for the first sub-step; table_updates as in `forward_step`. Rows use neither
+    penalties nor banned ids (the scheduler runs those in single steps). Returns the pool, the page tables,
+    `slot_tokens` with each sequence's last sampled id, and the sampler outputs stacked [num_steps, S, ...]. Pool,
+    page tables and slot_tokens (arguments 1 to 3) are donated.
     """
+    page_tables = update_tables(page_tables, table_updates)
     num_seqs = token_ids.shape[0]
     cu_q_lens, kv_lens0 = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
     slots, steps = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:4 * num_seqs + 1]
@@ -100,7 +104,7 @@ def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: Samp
     tokens = _substitute_pending(token_ids, slot_tokens)
     (_, kv_caches), outs = jax.lax.scan(step, (tokens, kv_caches), jnp.arange(num_steps, dtype=jnp.int32))
     last = outs.token_ids[jnp.maximum(steps - 1, 0), rows]  # [S]
-    return kv_caches, slot_tokens.at[ints[4]].set(last), outs
+    return kv_caches, page_tables, slot_tokens.at[ints[4]].set(last), outs
 
 
 def prompt_logprobs_step(model: LoadedModel, params, hidden, targets) -> SamplerOutput:
@@ -127,7 +131,8 @@ def copy_pages(kv_caches, copies):
 
 
 def update_tables(page_tables, updates):
-    """page_tables[slot, col] = page for each column of updates [3, U] (donated; padding targets the pad row)."""
+    """page_tables[slot, col] = page for each column of updates [3, U] (donated; padding targets the pad row).
+    The forward and decode programs apply a chunk first; this program alone takes the chunks before it."""
     return page_tables.at[updates[0], updates[1]].set(updates[2])
 
 

@@ -75,3 +75,33 @@ def test_page_updates_send_only_new_pages_and_a_new_slot_owner_starts_over():
     b = Request("b", [9] * 3, SamplingParams())
     assert batch.add(b) == 0 and batch.pages_sent[0] == 0
     assert np.all(batch.tokens[0, :3] == 9) and batch.num_known[0] == 3
+
+
+def test_table_update_chunks_land_in_order_and_the_step_program_gets_the_last():
+    import types
+
+    import jax
+
+    from jaxpaged import runner
+    from jaxpaged.step_programs import update_tables
+
+    chunk = runner._UPDATE_CHUNK
+    num_slots, width = 8, 2 * chunk
+    n = 2 * chunk + 5  # two chunks through the update program, then 5 entries for the step program
+    rows = [i % num_slots for i in range(n)]
+    cols = [i // num_slots for i in range(n)]
+    vals = [1000 + i for i in range(n)]
+    calls = []
+    update = jax.jit(update_tables)
+    stub = types.SimpleNamespace(batch=types.SimpleNamespace(pad_slot=num_slots),
+                                 page_tables=np.zeros((num_slots + 1, width), np.int32),
+                                 _program=lambda key: calls.append(key) or update)
+    last = runner.ModelRunner._table_updates(stub, (rows, cols, vals))
+    assert calls == [("update",)] * 2 and last.shape == (3, chunk)
+    assert (last[:, :5] == [rows[-5:], cols[-5:], vals[-5:]]).all() and (last[0, 5:] == num_slots).all()
+    tables = np.asarray(update_tables(stub.page_tables, last))
+    want = np.zeros((num_slots + 1, width), np.int32)
+    want[rows, cols] = vals
+    assert (tables[:num_slots] == want[:num_slots]).all()
+    empty = runner.ModelRunner._table_updates(stub, ([], [], []))
+    assert len(calls) == 2 and (empty[0] == num_slots).all()

@@ -122,13 +122,14 @@ def test_llama_70b_tp8_step_holds_an_eighth_of_weights_and_pool_per_device():
     page = jax.ShapeDtypeStruct((num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim), jnp.bfloat16,
                                 sharding=pool_sharding(mesh))
     rep = replicated(mesh)
-    fn = jax.jit(functools.partial(forward_step, model, "reference", page_size), donate_argnums=(1,),
-                 out_shardings=(pool_sharding(mesh), rep, rep))  # pool, last hidden states, all hidden states
+    fn = jax.jit(functools.partial(forward_step, model, "reference", page_size), donate_argnums=(1, 2),
+                 out_shardings=(pool_sharding(mesh), rep, rep, rep))  # pool, tables, last and all hidden states
     compiled = fn.lower(params, [(page, page)] * cfg.num_hidden_layers,
                         jax.ShapeDtypeStruct((num_seqs + 1, 64), jnp.int32, sharding=rep),
                         jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32, sharding=rep),
                         jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=rep),
-                        jax.ShapeDtypeStruct((4 * num_seqs + 2,), jnp.int32, sharding=rep)).compile()
+                        jax.ShapeDtypeStruct((4 * num_seqs + 2,), jnp.int32, sharding=rep),
+                        jax.ShapeDtypeStruct((3, 16), jnp.int32, sharding=rep)).compile()
     weights = sum(s.size * 2 for s in jax.tree.leaves(shapes["model"]))  # bf16; the LM head is the sampler's
     pool = 2 * cfg.num_hidden_layers * num_pages * page_size * cfg.num_key_value_heads * cfg.head_dim * 2
     per_device = compiled.memory_analysis().argument_size_in_bytes

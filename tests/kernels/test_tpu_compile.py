@@ -76,7 +76,7 @@ def compile_engine_step(model, *, max_model_len: int, buckets, num_pages: int, t
     tables, slot_tokens = spec(runner.page_tables.shape), spec(runner.slot_tokens.shape)
     layers = model.config.num_hidden_layers
     return runner.forward_fn.lower(params, [(page, page)] * layers, tables, slot_tokens, spec((num_tokens,)),
-                                   spec((4 * num_seqs + 2,))).compile().as_text()
+                                   spec((4 * num_seqs + 2,)), spec((3, 512))).compile().as_text()
 
 
 def test_engine_step_compiles_for_tpu():
