@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-import roofline  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
+import host_loop  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
+import roofline  # noqa: E402
 import serving  # noqa: E402
 import step_profile  # noqa: E402
 import throughput  # noqa: E402
@@ -262,3 +263,15 @@ def test_timed_dispatches_time_each_program_call_and_restore_the_programs():
     assert {k: len(v) for k, v in seconds.items()} == {"decode": 2, "update": 1}
     assert all(t >= 0 for v in seconds.values() for t in v)
     assert runner.executables == originals
+
+
+def test_host_loop_runs_the_steady_decode_of_a_small_workload(capsys):
+    """4 requests of 20 + 24 tokens, 4-token steps: two single steps prefill them (64-token budget) and sample one
+    or two tokens each, then six multi-steps take the other 22-23 (the last one partly)."""
+    record = host_loop.main(["--num-requests", "4", "--input-len", "20", "--output-len", "24",
+                             "--num-scheduler-steps", "4", "--page-size", "4", "--max-num-batched-tokens", "64",
+                             "--repeats", "2"])
+    assert record["multi_steps"] == 6
+    assert set(record["ms_per_multi_step"]) == {"schedule", "layout", "process"}
+    assert record["host_ms_per_multi_step"] == pytest.approx(sum(record["ms_per_multi_step"].values()))
+    assert '"part": "host_loop"' in capsys.readouterr().out

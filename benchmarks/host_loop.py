@@ -1,0 +1,104 @@
+"""The engine's host work per step without a device: scheduling, step layout and output processing of a steady
+multi-step decode, timed on the CPU.
+
+    python3 benchmarks/host_loop.py [--num-requests 256] [--num-scheduler-steps 8] [--repeats 5]
+
+The real `Scheduler`, `PageManager` (prefix caching on), `InputBatch` and `OutputProcessor` (no tokenizer, as the
+GPU benchmarks' dummy models) run the engine's loop with async scheduling: each step is scheduled, laid out, and the
+previous step's sampled ids (random, drawn up front) are processed. No program runs, so what is timed is the
+per-request Python the device step has to hide (issue 11's host-work target). Reported per multi-step (steps
+with prefills are left out), the best of `--repeats` runs of the whole workload: the figures of one machine are
+comparable with each other only.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from jaxpaged.input_batch import InputBatch
+from jaxpaged.output_processor import OutputProcessor
+from jaxpaged.page_manager import PageManager
+from jaxpaged.request import Request
+from jaxpaged.sampler import SamplerOutput
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.scheduler import Scheduler
+from results import emit
+
+PHASES = ("schedule", "layout", "process")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=562)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--num-scheduler-steps", type=int, default=8)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def _sampled(num_steps: int, num_rows: int, rng) -> list[SamplerOutput]:
+    ids = rng.integers(0, 1000, (num_steps, num_rows)).astype(np.int32)
+    zeros, ones = np.zeros(num_rows, np.float32), np.ones(num_rows, np.int32)
+    empty_ids, empty_lps = np.zeros((num_rows, 0), np.int32), np.zeros((num_rows, 0), np.float32)
+    return [SamplerOutput(ids[j], zeros, ones, empty_ids, empty_lps) for j in range(num_steps)]
+
+
+def run_once(args) -> tuple[dict[str, float], int]:
+    """Seconds per phase summed over the workload's multi-steps, and how many there were."""
+    n, max_len = args.num_requests, args.input_len + args.output_len
+    pages = PageManager(n * -(-max_len // args.page_size) + 1, args.page_size, True)
+    scheduler = Scheduler(pages, n, args.max_num_batched_tokens, max_len, args.num_scheduler_steps)
+    batch = InputBatch(n, max_len, args.page_size)
+    outputs = OutputProcessor(None, max_len)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    for i in range(n):
+        req = Request(str(i), rng.integers(0, 1000, args.input_len).tolist(), params)
+        outputs.add(req.request_id, None, req.prompt_token_ids, params, [req])
+        scheduler.add_request(req)
+
+    def finish(req, status):
+        scheduler.finish(req, status)
+        batch.remove(req.request_id)
+
+    seconds, multi_steps, in_flight = dict.fromkeys(PHASES, 0.0), 0, None
+    while scheduler.num_unfinished or in_flight:
+        t0 = time.perf_counter()
+        sched = scheduler.schedule()
+        t1 = time.perf_counter()
+        for s in sched.scheduled:
+            if s.request.request_id not in batch.slot_of:
+                batch.add(s.request)
+        batch.page_updates(sched, pages.pages_of)
+        rows = n if sched.num_steps > 1 else args.max_num_batched_tokens
+        batch.layout(sched, rows, n)
+        t2 = time.perf_counter()
+        if in_flight is not None:
+            outputs.process(*in_flight, batch.append_tokens, finish)
+        t3 = time.perf_counter()
+        in_flight = (sched, _sampled(sched.num_steps, n, rng)) if sched.scheduled else None
+        if sched.num_steps > 1:
+            for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
+                seconds[phase] += dt
+            multi_steps += 1
+    return seconds, multi_steps
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    runs = [run_once(args) for _ in range(args.repeats)]
+    steps = runs[0][1]
+    best = {p: min(r[0][p] for r in runs) * 1e3 / max(steps, 1) for p in PHASES}
+    record = {"part": "host_loop", "multi_steps": steps, "ms_per_multi_step": best,
+              "host_ms_per_multi_step": sum(best.values()), "us_per_request_and_step":
+              sum(best.values()) * 1e3 / args.num_requests, "args": vars(args)}
+    emit(record, "host_loop")
+    return record
+
+
+if __name__ == "__main__":
+    main()
