@@ -355,7 +355,7 @@ class ModelRunner:
         rows = [i for i, s in enumerate(sched.scheduled) if s.num_steps > 1]
         decodes = SchedulerOutput([ScheduledRequest(s.request, s.num_computed_tokens + 1, 1, True, s.num_steps - 1)
                                    for s in (sched.scheduled[i] for i in rows)], [], sched.num_steps)
-        no_updates = self._table_updates(([], [], []))  # the forward pass applied the step's
+        no_updates = self._table_updates(([], [], []))  # the forward pass applied this step's entries
         return rows, self._launch_decode(decodes, self.buckets.num_seqs(len(rows)), no_updates).out
 
     def _forward_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
