@@ -13,8 +13,9 @@
 # compiled everything before ready, all at once and then at 80 % of that request throughput; decode-kN-bB: the
 # bare decode step of B sequences on that server's engine shape, 10 steps timed without the profiler (each
 # program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
-# functions with most self time per step; -wp after serve-ragged-1b-kN or ragged-kN: with
-# --multi-step-with-prefill)
+# functions with most self time per step; decode-kN-bB[-host]-while: the same with XLA's while loops in CUDA graphs
+# too (--xla_gpu_enable_command_buffer=+WHILE: the multi-step decode's loop becomes one graph launch); -wp after
+# serve-ragged-1b-kN or ragged-kN: with --multi-step-with-prefill)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -65,8 +66,10 @@ for s in "$@"; do
       --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps ${s#serve-ragged-1b-k} \
       --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm --num-prompts 512 \
       --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
-    decode-k*-b*) k=${s#decode-k}; host=; [ "${k%-host}" != "$k" ] && host="--host-profile-steps 8" && k=${k%-host}
-      step "$s" 300 python3 "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" \
+    decode-k*-b*) k=${s#decode-k}; host=; xla=${XLA_FLAGS:-}
+      [ "${k%-while}" != "$k" ] && k=${k%-while} && xla="$xla --xla_gpu_enable_command_buffer=+WHILE"
+      [ "${k%-host}" != "$k" ] && host="--host-profile-steps 8" && k=${k%-host}
+      step "$s" 300 env XLA_FLAGS="$xla" python3 "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" \
       --input-len 562 --output-len 512 --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" \
       --warmup-steps 24 --profile-steps 10 $host ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
