@@ -413,12 +413,11 @@ class ModelRunner:
         targets the pad row): the last `_UPDATE_CHUNK` or fewer. Chunks before it (large admissions) go through
         the update program now, so they land first."""
         rows, cols, vals = updates
-        last = max(len(rows) - 1, 0) // _UPDATE_CHUNK * _UPDATE_CHUNK
         chunks = []
-        for at in range(0, last + 1, _UPDATE_CHUNK):
+        for at in range(0, max(len(rows), 1), _UPDATE_CHUNK):  # one chunk at least, padding only if no entry
             chunk = np.zeros((3, _UPDATE_CHUNK), np.int32)
             chunk[0] = self.batch.pad_slot
-            n = max(min(_UPDATE_CHUNK, len(rows) - at), 0)
+            n = min(_UPDATE_CHUNK, len(rows) - at)
             chunk[0, :n], chunk[1, :n], chunk[2, :n] = rows[at:at + n], cols[at:at + n], vals[at:at + n]
             chunks.append(chunk)
         for chunk in chunks[:-1]:
