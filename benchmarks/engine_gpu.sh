@@ -45,11 +45,10 @@ for s in "$@"; do
     1b-k*-unfused) k=${s#1b-k}; step "$s" 240 python3 "$root/benchmarks/unfused.py" $FIXED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
     1b-k*) step "$s" 240 $T $FIXED --num-scheduler-steps "${s#1b-k}" --no-roofline ;;
-    ragged-k*-wp) k=${s#ragged-k}; step "$s" 300 $T $RAGGED --num-scheduler-steps "${k%-wp}" --multi-step-with-prefill \
-      --no-roofline ;;
     ragged-k*-unfused) k=${s#ragged-k}; step "$s" 300 python3 "$root/benchmarks/unfused.py" $RAGGED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
-    ragged-k*) step "$s" 300 $T $RAGGED --num-scheduler-steps "${s#ragged-k}" --no-roofline ;;
+    ragged-k*) k=${s#ragged-k}; wp=; [ "${k%-wp}" != "$k" ] && wp=--multi-step-with-prefill && k=${k%-wp}
+      step "$s" 300 $T $RAGGED --num-scheduler-steps "$k" $wp --no-roofline ;;
     profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" \
       --warmup-steps 20 --profile-steps 10 ;;
     serve-1b-k*|serve-8b-k*) k=${s#serve-?b-k}; k=${k%-warm}; size=${s#serve-}; size=${size%%-*}
@@ -58,12 +57,10 @@ for s in "$@"; do
       --dtype bfloat16 --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
       --num-scheduler-steps $k --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
       --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;
-    serve-ragged-1b-k*-wp) k=${s#serve-ragged-1b-k}; step "$s" 420 python3 "$root/benchmarks/serving.py" --launch \
-      "--model llama-3.2-1b --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps \
-      ${k%-wp} --multi-step-with-prefill --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm \
-      --num-prompts 512 --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
-    serve-ragged-1b-k*) step "$s" 420 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b \
-      --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps ${s#serve-ragged-1b-k} \
+    serve-ragged-1b-k*) k=${s#serve-ragged-1b-k}; wp=
+      [ "${k%-wp}" != "$k" ] && wp=--multi-step-with-prefill && k=${k%-wp}
+      step "$s" 420 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b \
+      --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps $k $wp \
       --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm --num-prompts 512 \
       --rate-fraction 0.8 --ready-timeout 300 --timed-server ;;
     decode-k*-b*) k=${s#decode-k}; host=; xla=${XLA_FLAGS:-}
