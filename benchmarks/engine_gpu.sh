@@ -15,7 +15,8 @@
 # program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
 # functions with most self time per step; decode-kN-bB[-host]-while: the same with XLA's while loops in CUDA graphs
 # too (--xla_gpu_enable_command_buffer=+WHILE: the multi-step decode's loop becomes one graph launch); -wp after
-# serve-ragged-1b-kN or ragged-kN: with --multi-step-with-prefill)
+# serve-ragged-1b-kN or ragged-kN: with --multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step
+# by step, where its wall time goes)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -49,6 +50,8 @@ for s in "$@"; do
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
     ragged-k*) k=${s#ragged-k}; wp=; [ "${k%-wp}" != "$k" ] && wp=--multi-step-with-prefill && k=${k%-wp}
       step "$s" 300 $T $RAGGED --num-scheduler-steps "$k" $wp --no-roofline ;;
+    timeline-k*) step "$s" 240 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#timeline-k}" \
+      --timeline ;;
     profile-k*) step "$s" 300 python3 "$root/benchmarks/step_profile.py" $FIXED --num-scheduler-steps "${s#profile-k}" \
       --warmup-steps 20 --profile-steps 10 ;;
     serve-1b-k*|serve-8b-k*) k=${s#serve-?b-k}; k=${k%-warm}; size=${s#serve-}; size=${size%%-*}

@@ -14,7 +14,9 @@ over --profile-steps steps without the profiler ("untraced", with each compiled 
 host work per step is reported from both. The device busy fraction is the union of GPU kernel intervals over the
 traced window (trace_busy.py); on a CPU there is no device stream and it is null (`cpu_xla_busy_fraction` then
 estimates XLA's CPU work). --host-profile-steps N runs N more steps under cProfile afterwards and reports the
-functions with the most self time per step. Prints one JSON line (also appended to $OUT/step_profile.jsonl when
+functions with the most self time per step. --timeline instead runs the whole queued workload untraced (no
+warm-up steps) and reports each step: what it launched (tokens, rows, sub-steps), its ms and the ms it waited for
+the device; with sums per kind of step, to show where an offline run's wall time goes. Prints one JSON line (also appended to $OUT/step_profile.jsonl when
 $OUT is set).
 """
 
@@ -41,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--python-tracer", action="store_true", help="also trace Python calls (a far larger trace)")
     p.add_argument("--host-profile-steps", type=int, default=0,
                    help="then run this many more steps under cProfile and report the functions with most self time")
+    p.add_argument("--timeline", action="store_true", help="the whole workload untraced, step by step (no trace)")
     return finish_args(p.parse_args(argv))
 
 
@@ -140,6 +143,34 @@ def host_profile(engine, num_steps: int, top: int = 25) -> dict:
             for (path, line, name), (_, nc, tt, ct, _) in rows}
 
 
+def timeline(engine, add_seconds: float) -> dict:
+    """Steps until every queued request is done, untraced: per step [tokens, rows, sub-steps, ms, wait ms] of the
+    step it launched (with async scheduling a step waits for the one before), and sums per kind ("prefill": a
+    step with prompt tokens; "decode": one token per row; "multi": a multi-step decode)."""
+    rows, kinds = [], {}
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        waits = []
+        with timed_waits(waits):
+            t = time.perf_counter()
+            engine.step()
+            ms, wait_ms = 1000 * (time.perf_counter() - t), 1000 * sum(waits)
+        handle = engine._in_flight
+        sched = handle.sched if handle is not None else None
+        tokens, seqs = (sched.num_tokens, len(sched.scheduled)) if sched else (0, 0)
+        sub_steps = sched.num_steps if sched else 0
+        kind = "none" if sched is None else "prefill" if tokens > seqs else "multi" if sub_steps > 1 else "decode"
+        total = kinds.setdefault(kind, {"steps": 0, "ms": 0.0, "wait_ms": 0.0})
+        total["steps"] += 1
+        total["ms"] += ms
+        total["wait_ms"] += wait_ms
+        rows.append([tokens, seqs, sub_steps, round(ms, 2), round(wait_ms, 2)])
+    wall = time.perf_counter() - start
+    return {"part": "timeline", "add_requests_s": add_seconds, "steps_wall_s": wall, "steps": len(rows),
+            "host_work_s": sum(r[3] - r[4] for r in rows) / 1000, "wait_s": sum(r[4] for r in rows) / 1000,
+            "by_kind": kinds, "step_rows": rows}
+
+
 def _mean_p50(seconds: list[float]) -> dict:
     return {"mean": 1000 * statistics.fmean(seconds), "p50": 1000 * statistics.median(seconds)}
 
@@ -168,9 +199,13 @@ def main() -> None:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm the host path
     engine = llm.llm_engine
+    start = time.perf_counter()
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         p.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: one output per request, at its end
         engine.add_request(f"profile-{i}", prompt, p)
+    if args.timeline:
+        emit({**timeline(engine, time.perf_counter() - start), "args": vars(args)}, "step_profile")
+        return
     for _ in range(args.warmup_steps):
         engine.step()
     dispatches: dict[str, list[float]] = {}

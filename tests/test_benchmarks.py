@@ -275,3 +275,30 @@ def test_host_loop_runs_the_steady_decode_of_a_small_workload(capsys):
     assert set(record["ms_per_multi_step"]) == {"schedule", "layout", "process"}
     assert record["host_ms_per_multi_step"] == pytest.approx(sum(record["ms_per_multi_step"].values()))
     assert '"part": "host_loop"' in capsys.readouterr().out
+
+
+class _TimelineEngine:
+    """Launches a prefill step, a one-token decode of 2 rows, a 4-token multi-step, then nothing (the last step
+    only collects)."""
+
+    def __init__(self):
+        from types import SimpleNamespace as NS
+        self.launches = [NS(num_tokens=40, scheduled=[1, 2], num_steps=1), NS(num_tokens=2, scheduled=[1, 2],
+                         num_steps=1), NS(num_tokens=2, scheduled=[1, 2], num_steps=4), None]
+        self._in_flight = None
+
+    def has_unfinished_requests(self):
+        return bool(self.launches)
+
+    def step(self):
+        sched = self.launches.pop(0)
+        self._in_flight = None if sched is None else type("Handle", (), {"sched": sched})()
+
+
+def test_timeline_records_each_launch_and_sums_by_kind():
+    record = step_profile.timeline(_TimelineEngine(), add_seconds=0.5)
+    assert [r[:3] for r in record["step_rows"]] == [[40, 2, 1], [2, 2, 1], [2, 2, 4], [0, 0, 0]]
+    assert {k: v["steps"] for k, v in record["by_kind"].items()} == {"prefill": 1, "decode": 1, "multi": 1,
+                                                                     "none": 1}
+    assert record["steps"] == 4 and record["wait_s"] == 0 and record["add_requests_s"] == 0.5
+    assert record["steps_wall_s"] >= record["host_work_s"] >= 0
