@@ -1,6 +1,7 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run the jitted step -> update."""
 
 import atexit
+import dataclasses
 import logging
 import os
 import random
@@ -31,7 +32,18 @@ from jaxpaged.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | list[int] | dict
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckedPrompt:
+    """A prompt `LLMEngine.check_prompt` tokenized and validated: `add_request` and `add_beam_request` take it
+    without doing either again (`LLM.generate` checks every prompt before it queues any)."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+PromptType = str | list[int] | dict | CheckedPrompt
 
 
 def _collect_in_flight(engine_ref: weakref.ref) -> None:
@@ -164,7 +176,7 @@ class LLMEngine:
         """(text, token ids) of a prompt given as text, token ids, {"prompt": ...} or {"prompt_token_ids": ...}."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+                return prompt.get("prompt"), list(map(int, prompt["prompt_token_ids"]))
             if "prompt" not in prompt:
                 raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
@@ -174,8 +186,16 @@ class LLMEngine:
                                  "({'prompt_token_ids': [...]}) or pass tokenizer=...")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            return None, [int(t) for t in prompt]
+            return None, list(map(int, prompt))
         raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def check_prompt(self, prompt: PromptType) -> CheckedPrompt:
+        """The prompt tokenized and validated (ValueError if it is not valid), ready to queue."""
+        if isinstance(prompt, CheckedPrompt):
+            return prompt
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        return CheckedPrompt(text, token_ids)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raises ValueError for an empty prompt, token ids outside the vocabulary or a too-long prompt."""
@@ -235,12 +255,16 @@ class LLMEngine:
         than max_num_seqs."""
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.check_num_seqs(num_seqs, name)
+        checked = self.check_prompt(prompt)
+        return checked.text, checked.token_ids
+
+    def check_num_seqs(self, num_seqs: int, name: str) -> None:
+        """ValueError when one request would run more sequences at once (`name`: "n" or "beam_width") than
+        max_num_seqs."""
         if num_seqs > self.scheduler.max_num_seqs:
             raise ValueError(f"{name}={num_seqs} runs {num_seqs} sequences at once, more than "
                              f"max_num_seqs={self.scheduler.max_num_seqs}; lower {name} or raise max_num_seqs.")
-        text, token_ids = self.tokenize_prompt(prompt)
-        self.validate_prompt(token_ids)
-        return text, token_ids
 
     def abort_request(self, request_ids) -> None:
         """Stops requests wherever they are and frees their pages; unknown ids are ignored."""

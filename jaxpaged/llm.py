@@ -6,7 +6,7 @@ from tqdm.auto import tqdm
 
 from jaxpaged.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from jaxpaged.config import EngineArgs
-from jaxpaged.engine import LLMEngine, PromptType
+from jaxpaged.engine import CheckedPrompt, LLMEngine, PromptType
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
@@ -32,7 +32,9 @@ class LLM:
         """Generates completions for one or many prompts; returns RequestOutputs in input order.
 
         Every prompt is validated before any is queued: a bad one raises ValueError naming its index and leaves
-        the engine untouched.
+        the engine untouched. The requests that can fill the first step are queued before it, the rest while
+        the device runs it: the first step admits in order up to that budget either way (unless prefix-cache hits
+        leave it room for more, which then join a step later).
         """
         prompts = self._prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -44,14 +46,17 @@ class LLM:
                                  "give one SamplingParams or one per prompt.")
         engine = self.llm_engine
         tokenized = self._tokenize_all(prompts)
-        ids = []
-        for prompt, p in zip(tokenized, params):
-            ids.append(str(self._counter))
-            self._counter += 1
-            p = p.clone()
+        for p in {id(p): p for p in params}.values():
+            engine.check_num_seqs(p.n, "n")
+        ids = self._new_ids(len(tokenized))
+
+        def queue(i: int) -> int:
+            p = params[i].clone()
             p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM: one output per request, built once
-            engine.add_request(ids[-1], prompt, p)
-        return self._run(ids, use_tqdm)
+            engine.add_request(ids[i], tokenized[i], p)
+            return len(tokenized[i].token_ids)
+
+        return self._run(ids, use_tqdm, queue)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
@@ -61,11 +66,9 @@ class LLM:
         prompts = self._prompt_list(prompts)
         engine = self.llm_engine
         tokenized = self._tokenize_all(prompts)
-        ids = []
-        for prompt in tokenized:
-            ids.append(str(self._counter))
-            self._counter += 1
-            engine.add_beam_request(ids[-1], prompt, params)
+        ids = self._new_ids(len(tokenized))
+        for request_id, prompt in zip(ids, tokenized):
+            engine.add_beam_request(request_id, prompt, params)
         results = []
         for out in self._run(ids, use_tqdm):
             results.append(BeamSearchOutput([
@@ -93,30 +96,45 @@ class LLM:
             return [prompts]
         return list(prompts)
 
-    def _tokenize_all(self, prompts: list) -> list[dict]:
+    def _tokenize_all(self, prompts: list) -> list[CheckedPrompt]:
         """Every prompt tokenized (once) and validated before any is queued; ValueError names the bad one."""
         engine = self.llm_engine
         tokenized = []
         for i, prompt in enumerate(prompts):
             try:
-                text, token_ids = engine.tokenize_prompt(prompt)
-                engine.validate_prompt(token_ids)
+                tokenized.append(engine.check_prompt(prompt))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
         return tokenized
 
     def get_metrics(self):
         """vLLM-named metrics (objects with .name and .value)."""
         return self.llm_engine.get_metrics()
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _new_ids(self, count: int) -> list[str]:
+        ids = [str(self._counter + i) for i in range(count)]
+        self._counter += count
+        return ids
+
+    def _run(self, ids: list[str], use_tqdm: bool, queue=None) -> list[RequestOutput]:
+        """Steps until the requests `ids` are done; their outputs in that order. `queue(i)`, if given, queues
+        request i and returns its prompt length: requests up to one step's token budget or sequence limit are
+        queued before the first step, the others right after it is launched."""
         engine = self.llm_engine
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
+        queued, tokens = (0, 0) if queue else (len(ids), 0)
+        while queued < len(ids) and tokens < engine.scheduler.max_num_batched_tokens \
+                and queued < engine.scheduler.max_num_seqs:
+            tokens += queue(queued)
+            queued += 1
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():  # as vLLM: also collects the async step past the last token
-                for out in engine.step():
+                outputs = engine.step()
+                for i in range(queued, len(ids)):  # while the first step runs
+                    queue(i)
+                queued = len(ids)
+                for out in outputs:
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out
                         bar.update(1)

@@ -217,11 +217,18 @@ class PageManager:
         self._num_hashed[req.request_id] = max(start, num_full)
 
     def _ensure_hashes(self, req: Request, num_pages: int) -> None:
-        size = self.page_size
-        while len(req.page_hashes) < min(num_pages, req.num_known_tokens // size):
-            i = len(req.page_hashes)
-            parent = req.page_hashes[-1] if i else None
-            req.page_hashes.append(hash((parent, tuple(req.token_ids(i * size, (i + 1) * size)))))
+        """Hashes the request's first `num_pages` pages (those whose tokens are all known), each chained from its
+        predecessor's hash."""
+        size, hashes = self.page_size, req.page_hashes
+        have = len(hashes)
+        want = min(num_pages, req.num_known_tokens // size)
+        if want <= have:
+            return
+        tokens = req.token_ids(have * size, want * size)
+        parent = hashes[-1] if have else None
+        for at in range(0, len(tokens), size):
+            parent = hash((parent, tuple(tokens[at:at + size])))
+            hashes.append(parent)
 
     def check_invariants(self) -> None:
         """Asserts the pool's bookkeeping is consistent (used by tests)."""

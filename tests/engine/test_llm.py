@@ -180,6 +180,31 @@ def test_invalid_arguments_raise_value_errors_naming_them(llm):
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
 
+def test_requests_past_the_first_steps_budget_are_queued_while_it_runs(llm):
+    """64-token budget, 8 sequences: of 10 prompts of 20 tokens, the first 4 (80 tokens) are queued before the
+    first step, the other 6 right after its launch; the greedy outputs are those of each prompt alone."""
+    engine = llm.llm_engine
+    seen, step = [], engine.step
+
+    def counting_step():
+        seen.append(len(engine.scheduler.waiting) + len(engine.scheduler.running))
+        return step()
+
+    prompts = [{"prompt_token_ids": list(range(2000 + 20 * i, 2020 + 20 * i))} for i in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.step = counting_step
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del engine.step
+    assert seen[:2] == [4, 10]
+    alone = [llm.generate(p, params, use_tqdm=False)[0] for p in prompts[:3]]
+    assert [o.outputs[0].token_ids for o in outs[:3]] == [o.outputs[0].token_ids for o in alone]
+    with pytest.raises(ValueError, match="n=9 runs 9 sequences at once, more than max_num_seqs=8"):
+        llm.generate(prompts[:2], [params, SamplingParams(n=9)], use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+
+
 def test_max_model_len_that_cannot_fit_the_pool_is_rejected():
     with pytest.raises(ValueError, match="max_model_len=512 needs 32 KV pages"):
         LLM(**{**ENGINE_KW, "num_gpu_blocks_override": 10})
