@@ -103,16 +103,26 @@ class OutputProcessor:
         columns = np.stack([out.token_ids for out in outs], axis=1).tolist()  # [S][K] sampled ids per row
         reqs, arrived, finishing = [], [], []
         touched: dict[str, RequestGroup] = {}
+        max_len = self.max_model_len
         for row, req, num_steps in sched.sampling_plan():
-            if req.finished or req.group.beam is not None:
+            group = req.group
+            if req.finished or group.beam is not None:
                 continue
             tokens = columns[row][:num_steps]
-            status = self._accept(req, tokens, outs, row)  # cuts `tokens` after a stop
+            p, outputs = req.sampling_params, req.output_token_ids
+            room = max_len - len(req.prompt_token_ids) - len(outputs)  # outputs before a length limit
+            if p.max_tokens is not None and p.max_tokens - len(outputs) < room:
+                room = p.max_tokens - len(outputs)
+            if num_steps < room and not p.stop and p.logprobs is None and req.stop_ids.isdisjoint(tokens):
+                group.detokenizers[req.index].extend(tokens)  # the common case: no stop is possible
+                req.append_outputs(tokens)
+            else:
+                status = self._accept(req, tokens, outs, row, room)  # cuts `tokens` after a stop
+                if status is not None:
+                    finishing.append((req, status))
             reqs.append(req)
             arrived.append(tokens)
-            if status is not None:
-                finishing.append((req, status))
-            touched[req.group.request_id] = req.group
+            touched[group.request_id] = group
         on_tokens(reqs, arrived)
         ending = set()  # groups with a child that finished in this step
         for req, status in finishing:
@@ -127,30 +137,26 @@ class OutputProcessor:
                 self.groups.pop(group.request_id, None)
         return outputs
 
-    def _accept(self, req: Request, tokens: list[int], outs: list[SamplerOutput], row: int) -> RequestStatus | None:
+    def _accept(self, req: Request, tokens: list[int], outs: list[SamplerOutput], row: int,
+                room: int) -> RequestStatus | None:
         """Appends `tokens` (the request's ids of this step, in order) to its outputs and text up to the first one
         that meets a stop condition, which it returns (`tokens` is cut there); checked per token in vLLM's order:
-        stop string, stop token id, EOS, max_tokens, max_model_len. Without stop strings and logprobs, ids that
-        hold no stop id and stay within the limits are taken in one go."""
+        stop string, stop token id, EOS, max_tokens, max_model_len (`room`: outputs the length limits leave).
+        `process` takes the common case itself: no stop strings or logprobs, no stop id, within the limits."""
         p = req.sampling_params
         detok = req.group.detokenizers[req.index]
-        num_outputs = len(req.output_token_ids)
-        room = self.max_model_len - len(req.prompt_token_ids) - num_outputs  # outputs before a length limit
-        if p.max_tokens is not None:
-            room = min(room, p.max_tokens - num_outputs)
         per_token = bool(p.stop) or p.logprobs is not None
         status = None
-        if per_token or len(tokens) >= room or not req.stop_ids.isdisjoint(tokens):
-            for j, token in enumerate(tokens):
-                if p.logprobs is not None:
-                    self._add_logprobs(req, token, outs[j], row)
-                stop_str = detok.append(token) if per_token else None
-                status = self._stop_token_status(req, token, j + 1 >= room)
-                if stop_str is not None:
-                    status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-                if status is not None:
-                    del tokens[j + 1:]
-                    break
+        for j, token in enumerate(tokens):
+            if p.logprobs is not None:
+                self._add_logprobs(req, token, outs[j], row)
+            stop_str = detok.append(token) if per_token else None
+            status = self._stop_token_status(req, token, j + 1 >= room)
+            if stop_str is not None:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+            if status is not None:
+                del tokens[j + 1:]
+                break
         if not per_token:
             detok.extend(tokens)
         req.append_outputs(tokens)
