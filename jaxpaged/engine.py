@@ -1,5 +1,6 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run the jitted step -> update."""
 
+import array
 import atexit
 import dataclasses
 import logging
@@ -56,6 +57,15 @@ def _collect_in_flight(engine_ref: weakref.ref) -> None:
             engine._in_flight.result()
         except Exception:  # noqa: BLE001  a step that failed (another process died) has nothing left to wait for
             pass
+
+
+def _token_list(token_ids) -> list[int]:
+    """Prompt token ids as a list of Python ints (ValueError for anything that is not an integer); through a C
+    array, at a third of the cost of converting them one by one."""
+    try:
+        return array.array("q", token_ids).tolist()
+    except (TypeError, OverflowError) as e:
+        raise ValueError(f"prompt token ids must be integers: {e}") from None
 
 
 def _enable_compilation_cache(path: str | None) -> str:
@@ -176,7 +186,7 @@ class LLMEngine:
         """(text, token ids) of a prompt given as text, token ids, {"prompt": ...} or {"prompt_token_ids": ...}."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(map(int, prompt["prompt_token_ids"]))
+                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
                 raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
@@ -186,7 +196,7 @@ class LLMEngine:
                                  "({'prompt_token_ids': [...]}) or pass tokenizer=...")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            return None, list(map(int, prompt))
+            return None, _token_list(prompt)
         raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def check_prompt(self, prompt: PromptType) -> CheckedPrompt:

@@ -175,6 +175,8 @@ def test_invalid_arguments_raise_value_errors_naming_them(llm):
         llm.generate([{"prompt_token_ids": [1] * 600}], use_tqdm=False)
     with pytest.raises(ValueError, match="prompt 1: .*out of vocabulary"):
         llm.generate(["fine", {"prompt_token_ids": [10**7]}], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 0: prompt token ids must be integers: 'float' object"):
+        llm.generate([{"prompt_token_ids": [3, 1.5]}], use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     m = metrics(llm)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
