@@ -34,7 +34,6 @@ from jaxpaged.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class CheckedPrompt:
     """A prompt `LLMEngine.check_prompt` tokenized and validated: `add_request` and `add_beam_request` take it
