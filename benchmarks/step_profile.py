@@ -16,8 +16,8 @@ traced window (trace_busy.py); on a CPU there is no device stream and it is null
 estimates XLA's CPU work). --host-profile-steps N runs N more steps under cProfile afterwards and reports the
 functions with the most self time per step. --timeline instead runs the whole queued workload untraced (no
 warm-up steps) and reports each step: what it launched (tokens, rows, sub-steps), its ms and the ms it waited for
-the device; with sums per kind of step, to show where an offline run's wall time goes. Prints one JSON line (also appended to $OUT/step_profile.jsonl when
-$OUT is set).
+the device; with sums per kind of step, to show where an offline run's wall time goes. Prints one JSON line (also
+appended to $OUT/step_profile.jsonl when $OUT is set).
 """
 
 import argparse
@@ -26,6 +26,7 @@ import cProfile
 import os
 import pstats
 import statistics
+import sys
 import time
 
 from results import emit
@@ -97,9 +98,10 @@ def timed_dispatches(runner, seconds: dict[str, list[float]]):
         runner.executables.update(originals)
 
 
-def timed_steps(engine, num_steps: int) -> tuple[list[float], list[float], float]:
+def timed_steps(engine, num_steps: int, launched: list | None = None) -> tuple[list[float], list[float], float]:
     """Runs up to `num_steps` engine steps, each inside a "jaxpaged_step" trace annotation; returns each step's
-    seconds, the seconds of each step spent waiting for the device, and the window's."""
+    seconds, the seconds of each step spent waiting for the device, and the window's. `launched`, if given,
+    collects the SchedulerOutput each step launched (None for a step that launched nothing)."""
     import jax
 
     times, waits = [], []
@@ -111,6 +113,8 @@ def timed_steps(engine, num_steps: int) -> tuple[list[float], list[float], float
             engine.step()
             times.append(time.perf_counter() - t)
         waits.append(sum(step_waits))
+        if launched is not None:
+            launched.append(engine._in_flight.sched if engine._in_flight is not None else None)
     return times, waits, time.perf_counter() - start
 
 
@@ -147,16 +151,11 @@ def timeline(engine, add_seconds: float) -> dict:
     """Steps until every queued request is done, untraced: per step [tokens, rows, sub-steps, ms, wait ms] of the
     step it launched (with async scheduling a step waits for the one before), and sums per kind ("prefill": a
     step with prompt tokens; "decode": one token per row; "multi": a multi-step decode)."""
+    launched = []
+    times, waits, wall = timed_steps(engine, sys.maxsize, launched)
     rows, kinds = [], {}
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        waits = []
-        with timed_waits(waits):
-            t = time.perf_counter()
-            engine.step()
-            ms, wait_ms = 1000 * (time.perf_counter() - t), 1000 * sum(waits)
-        handle = engine._in_flight
-        sched = handle.sched if handle is not None else None
+    for seconds, wait, sched in zip(times, waits, launched):
+        ms, wait_ms = 1000 * seconds, 1000 * wait
         tokens, seqs = (sched.num_tokens, len(sched.scheduled)) if sched else (0, 0)
         sub_steps = sched.num_steps if sched else 0
         kind = "none" if sched is None else "prefill" if tokens > seqs else "multi" if sub_steps > 1 else "decode"
@@ -165,7 +164,6 @@ def timeline(engine, add_seconds: float) -> dict:
         total["ms"] += ms
         total["wait_ms"] += wait_ms
         rows.append([tokens, seqs, sub_steps, round(ms, 2), round(wait_ms, 2)])
-    wall = time.perf_counter() - start
     return {"part": "timeline", "add_requests_s": add_seconds, "steps_wall_s": wall, "steps": len(rows),
             "host_work_s": sum(r[3] - r[4] for r in rows) / 1000, "wait_s": sum(r[4] for r in rows) / 1000,
             "by_kind": kinds, "step_rows": rows}
