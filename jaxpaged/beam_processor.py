@@ -17,7 +17,8 @@ from jaxpaged.output_processor import OutputProcessor, RequestGroup
 from jaxpaged.outputs import CompletionOutput, RequestOutput
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampler import SamplerOutput
-from jaxpaged.scheduler import Scheduler, SchedulerOutput
+from jaxpaged.scheduler import Scheduler
+from jaxpaged.scheduler_output import SchedulerOutput
 
 
 class BeamProcessor:

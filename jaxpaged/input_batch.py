@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 
 from jaxpaged.request import Request
-from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.scheduler_output import SchedulerOutput
 
 
 @dataclasses.dataclass(slots=True)

@@ -17,7 +17,7 @@ from jaxpaged.prompt_logprobs import PromptChunk
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampler import SamplerOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
-from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.scheduler_output import SchedulerOutput
 
 
 @dataclasses.dataclass(eq=False)

@@ -4,6 +4,8 @@ copy-on-write (as vLLM v0's block manager)."""
 import collections
 import dataclasses
 
+import numpy as np
+
 from jaxpaged.request import Request
 
 NULL_PAGE = 0
@@ -32,9 +34,13 @@ class PageManager:
     """Owns page ids 1..num_pages-1 (page 0 is the null page that padding points at).
 
     A full page gets a hash chained from its predecessor's hash and its token ids; a later request whose prefix
-    hashes match reuses those pages (ref count + 1). Freed pages go to the tail of an LRU free list but keep their
-    hash, so they can still be hit; they are evicted lazily, when the head of the free list is handed out again.
-    Pages of a freed request are queued tail-first, so a prefix outlives its suffix.
+    hashes match reuses those pages (ref count + 1). Prompt pages enter the cache as they are computed, generated
+    ones when their request leaves (`free_request(id, req)`: finished or preempted), not as they fill (as vLLM
+    does): hashing in every decode step would be host work on the decode path, and generated text is hit by later
+    requests (a chat's next turn, a preempted request's recompute), which arrive after it left. Freed pages go to
+    the tail of an LRU free list but keep their hash, so they can still be hit; they are evicted lazily, when the
+    head of the free list is handed out again. Pages of a freed request are queued tail-first, so a prefix
+    outlives its suffix.
 
     `fork` lets a child share every page of its parent, the partly filled last page included. Whoever first writes
     into a shared page (ref count > 1) gets a copy of it (`PageCopy`, collected in `copies` until the runner takes
@@ -140,7 +146,8 @@ class PageManager:
                     return False
                 for _ in range(num_needed):
                     pages.append(self._take_free_page())
-                self._cache_full_pages(req, pages, total // size)  # returns at once unless a known page filled up
+                if req.num_computed_tokens < len(req.prompt_token_ids):  # a prompt chunk: its full pages now
+                    self._cache_full_pages(req, pages, total // size)
                 return True
         pages = self.req_pages.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(cached_pages) * size
@@ -164,6 +171,18 @@ class PageManager:
         self._cache_full_pages(req, pages, total // self.page_size)
         return True
 
+    def extend(self, page_lists: list[list[int]], counts) -> bool:
+        """Appends `counts[i]` free pages to `page_lists[i]` (running requests' own page lists, whose next writes go
+        into pages they alone hold), in order; False, changing nothing, when the free list cannot cover them all."""
+        if int(counts.sum()) > len(self.free):
+            return False
+        take = self._take_free_page
+        for i, n in zip(np.flatnonzero(counts).tolist(), counts[counts > 0].tolist()):
+            pages = page_lists[i]
+            for _ in range(n):
+                pages.append(take())
+        return True
+
     def _copy_on_write(self, request_id: str, pages: list[int], index: int) -> None:
         src, dst = pages[index], self._take_free_page()
         self.ref_counts[src] -= 1
@@ -171,8 +190,13 @@ class PageManager:
         pages[index] = dst
         self.copies.append(PageCopy(request_id, index, src, dst))
 
-    def free_request(self, request_id: str) -> None:
-        """Releases a finished or preempted request's pages (tail first into the LRU list)."""
+    def free_request(self, request_id: str, req: Request | None = None) -> None:
+        """Releases a finished or preempted request's pages (tail first into the LRU list). With `req` (the
+        request leaving), its full pages whose tokens are all computed and known enter the prefix cache first."""
+        if req is not None:
+            pages = self.req_pages.get(request_id)
+            if pages:
+                self._cache_full_pages(req, pages, req.num_computed_tokens // self.page_size)
         self._num_hashed.pop(request_id, None)
         pages = self.req_pages.pop(request_id, [])
         self._num_refs -= len(pages)

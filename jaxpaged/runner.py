@@ -38,7 +38,7 @@ from jaxpaged.prompt_logprobs import PromptChunk, prompt_chunks, prompt_targets
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
-from jaxpaged.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
                                     prompt_logprobs_step, sample_step, split_steps, update_tables)
 

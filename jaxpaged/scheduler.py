@@ -1,62 +1,14 @@
 """Continuous batching with chunked prefill and preemption by recompute (vLLM v1's single scheduling model)."""
 
 import collections
-import dataclasses
 import logging
 
-from jaxpaged.page_manager import PageCopy, PageManager
+from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request, RequestStatus
+from jaxpaged.scheduler_output import Fork, ScheduledRequest, SchedulerOutput
+from jaxpaged.steady_decode import SteadyDecode
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a step: `num_new_tokens` tokens from `num_computed_tokens` on.
-
-    `samples`: the chunk reaches the request's last token, so the step samples its next one (a pending token).
-    `num_steps` > 1 only in a multi-step decode: the one-token chunk, then `num_steps - 1` more decode steps.
-    """
-
-    request: Request
-    num_computed_tokens: int
-    num_new_tokens: int
-    samples: bool
-    num_steps: int = 1
-
-
-@dataclasses.dataclass(slots=True)
-class Fork:
-    """A child forked in this step from the request in row `row`: it shares the parent's pages and samples its
-    first token from the parent's last hidden state (sampler row `len(scheduled) + its index in forks`)."""
-
-    row: int
-    child: Request
-
-
-@dataclasses.dataclass(slots=True)
-class SchedulerOutput:
-    """What one step computes, in batch order (running requests first, then newly admitted ones), the children
-    forked in it and the copy-on-writes to do on the device before its forward pass."""
-
-    scheduled: list[ScheduledRequest]
-    preempted: list[Request]
-    num_steps: int = 1  # > 1: a multi-step decode (every row a one-token decode, up to this many sub-steps)
-    forks: list[Fork] = dataclasses.field(default_factory=list)
-    copies: list[PageCopy] = dataclasses.field(default_factory=list)
-    # with num_steps > 1: the rows also hold prefill chunks; every row is computed by one forward pass, then the
-    # decode rows (`ScheduledRequest.num_steps` > 1) run num_steps more sub-steps in a multi-step decode
-    with_prefill: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def sampling_plan(self) -> list[tuple[int, Request, int]]:
-        """(sampler row, request, sub-steps it samples in) of the rows that sample: scheduled rows, then forks (one
-        sub-step each: a multi-step decode forks nothing)."""
-        rows = [(row, s.request, s.num_steps) for row, s in enumerate(self.scheduled) if s.samples]
-        return rows + [(len(self.scheduled) + i, f.child, 1) for i, f in enumerate(self.forks)]
 
 
 class Scheduler:
@@ -72,6 +24,9 @@ class Scheduler:
     step that also admits or continues prefills is one too (`SchedulerOutput.with_prefill`): the prefill chunks
     and each decode's next token share a forward pass, after which the decodes run up to `num_scheduler_steps`
     more tokens, so that arrivals do not cut every running request down to one token per step.
+
+    A multi-step decode of the same running list as the previous step (nothing admitted, finished or preempted
+    in between) is planned over arrays kept between steps (`SteadyDecode`), not per request; the plans are the same.
 
     A request with `forks` (the other children of an `n > 1` request) computes the prompt alone; the step that
     samples its first token forks them (`Fork`): they share its pages and join the running list after that step.
@@ -93,6 +48,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_reserved = 0  # pending forks of running requests: sequence slots they will take
         self._forks: list[Fork] = []  # forks of the step being scheduled
+        self.steady = SteadyDecode(page_manager.page_size, max_model_len)
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -107,6 +63,10 @@ class Scheduler:
         With async scheduling a step is scheduled before the previous one's tokens reach the host: a request whose
         pending tokens already reach max_tokens or max_model_len is left out until they arrive and it finishes.
         """
+        out = self._steady_step()
+        if out is not None:
+            return out
+        self.steady.invalidate()
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -147,6 +107,21 @@ class Scheduler:
         forks, self._forks = self._forks, []
         self.running.extend(f.child for f in forks)  # only now: they must not be scheduled in their fork step
         return SchedulerOutput(scheduled, preempted, num_steps, forks, self.pages.take_copies(), with_prefill)
+
+    def _steady_step(self) -> SchedulerOutput | None:
+        """A multi-step decode of every running request planned over `SteadyDecode`'s arrays: taken when no
+        request can be admitted and the running list is the one the arrays were built from (built here when every
+        running request decodes and may take multi-steps). None: the general pass plans the step."""
+        running, steady, k = self.running, self.steady, self.num_scheduler_steps
+        if (k == 1 or not running or len(running) > self.max_num_batched_tokens
+                or (self.waiting and len(running) < self.max_num_seqs) or not self.multi_step_ready()):
+            return None
+        if not steady.valid and (self._multi_step_count() != (k, False) or not steady.build(running, self.pages)):
+            return None
+        planned = steady.schedule(running, k, self.pages)
+        if planned is None:
+            return None
+        return SchedulerOutput(planned[0], [], planned[1], copies=self.pages.take_copies())
 
     def _multi_step_count(self) -> tuple[int, bool]:
         """(`num_scheduler_steps`, whether prefills may share the step) when this step can be a multi-step
@@ -230,7 +205,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.num_reserved -= len(req.forks)
-        self.pages.free_request(req.request_id)
+        self.pages.free_request(req.request_id, req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -243,12 +218,13 @@ class Scheduler:
     def reset(self, req: Request) -> None:
         """Takes a request out of the queues and frees its pages, back to WAITING with nothing computed (the
         caller queues it again, or not)."""
+        self.steady.invalidate()
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             self.num_reserved -= len(req.forks)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.pages.free_request(req.request_id)
+        self.pages.free_request(req.request_id, req)
         req.status, req.num_computed_tokens, req.num_pending, req.forks = RequestStatus.WAITING, 0, 0, []
 
     def add_first(self, req: Request) -> None:
@@ -257,6 +233,7 @@ class Scheduler:
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Ends a request (stop, length or abort), freeing its pages wherever it is."""
+        self.steady.invalidate()
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             self.num_reserved -= len(req.forks)
@@ -264,4 +241,4 @@ class Scheduler:
         elif not req.finished and req in self.waiting:
             self.waiting.remove(req)
         req.status = status
-        self.pages.free_request(req.request_id)
+        self.pages.free_request(req.request_id, req)

@@ -6,7 +6,7 @@ from jaxpaged.output_processor import OutputProcessor
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampler import SamplerOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
-from jaxpaged.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
 
 EOS = 2
 PROMPT = [5, 6, 7]

@@ -64,6 +64,21 @@ def test_freed_pages_stay_hittable_until_evicted_lru_tail_first():
     pm.check_invariants()
 
 
+def test_generated_pages_enter_the_cache_when_their_request_leaves():
+    pm = PageManager(num_pages=10, page_size=2)
+    a = make_req("a", [1, 2, 3, 4])
+    admit(pm, a)
+    for token in (5, 6, 7):
+        assert grow(pm, a, token)
+    a.output_token_ids.append(8)  # sampled, its K/V not computed yet: page [7, 8] is not complete
+    assert len(pm.cached) == 2  # the prompt's pages only, while a runs
+    pm.free_request("a", a)
+    assert len(pm.cached) == 3  # + [5, 6]
+    b = make_req("b", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert admit(pm, b) == [1, 2, 3]
+    pm.check_invariants()
+
+
 def test_allocation_failure_changes_nothing():
     pm = PageManager(num_pages=4, page_size=4)
     admit(pm, make_req("a", range(8)))
@@ -208,7 +223,7 @@ def test_random_add_grow_fork_free_keeps_invariants_and_contents(ops):
                 child.output_token_ids = list(req.output_token_ids)
                 live[child.request_id] = child
             else:
-                pm.free_request(req.request_id)
+                pm.free_request(req.request_id, req)  # its generated full pages enter the cache
                 del live[req.request_id]
         pm.check_invariants()
         pool.check(live)

@@ -244,3 +244,70 @@ def test_a_step_that_forks_is_never_a_multi_step_decode():
         step(s)
     assert s.num_unfinished == 0
     assert [len(r.output_token_ids) for r in (parent, *children)] == [2, 2, 2]
+
+
+def _lagged_step(s, in_flight):
+    """An async-scheduling step: plans the next step, then the previous one's sampled ids (token 7) arrive."""
+    out = s.schedule()
+    if in_flight is not None:
+        step_ids = {id(req): [7] * n for _, req, n in in_flight.sampling_plan()}
+        for req in [sr.request for sr in in_flight.scheduled] + [f.child for f in in_flight.forks]:
+            if id(req) in step_ids and not req.finished:
+                req.append_outputs(step_ids.pop(id(req)))
+                if len(req.output_token_ids) >= req.sampling_params.max_tokens:
+                    s.finish(req, RequestStatus.FINISHED_LENGTH)
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "fork", "abort", "step", "step", "step"]), st.integers(1, 30),
+                          st.integers(1, 20)), max_size=60))
+def test_steady_decode_plans_what_the_general_pass_plans(ops):
+    """The array-planned steady decode gives the same rows, sub-steps, pages and request state as the general
+    pass, under async scheduling's pending tokens, finishes, aborts, forks and page shortage."""
+    fast = make(num_pages=14, page_size=4, max_seqs=4, budget=16, num_steps=4)
+    slow = make(num_pages=14, page_size=4, max_seqs=4, budget=16, num_steps=4)
+    slow.steady.build = lambda running, pages: False
+    reqs = {id(fast): [], id(slow): []}
+    flights = {id(fast): None, id(slow): None}
+    for i, (op, n, k) in enumerate(ops + [("step", 0, 0)] * 300):
+        for s in (fast, slow):
+            if op == "add" and n < 40:
+                reqs[id(s)].append(add(s, f"r{i}", n, max_tokens=k, base=(n % 3) * 100))
+            elif op == "fork" and n < 40:
+                reqs[id(s)] += add_forked(s, f"r{i}", n, n=1 + k % 2, max_tokens=k, base=(n % 3) * 100)
+            elif op == "abort" and reqs[id(s)]:
+                victim = reqs[id(s)][n % len(reqs[id(s)])]
+                if not victim.finished:
+                    s.finish(victim, RequestStatus.FINISHED_ABORTED)
+            elif op == "step":
+                flights[id(s)] = _lagged_step(s, flights[id(s)])
+        a, b = flights[id(fast)], flights[id(slow)]
+        if op == "step":
+            assert [(sr.request.request_id, sr.num_computed_tokens, sr.num_new_tokens, sr.num_steps)
+                    for sr in a.scheduled] == [(sr.request.request_id, sr.num_computed_tokens, sr.num_new_tokens,
+                                                sr.num_steps) for sr in b.scheduled]
+            assert (a.num_steps, len(a.preempted), a.copies) == (b.num_steps, len(b.preempted), b.copies)
+        assert fast.pages.req_pages == slow.pages.req_pages
+        assert [(r.num_computed_tokens, r.num_pending, r.output_token_ids, r.status) for r in reqs[id(fast)]] == [
+            (r.num_computed_tokens, r.num_pending, r.output_token_ids, r.status) for r in reqs[id(slow)]]
+        fast.pages.check_invariants()
+        if op == "step" and not fast.num_unfinished:
+            break
+    assert not slow.num_unfinished
+
+
+def test_steady_decode_is_taken_for_an_unchanged_running_list():
+    s = make(num_pages=64, page_size=4, max_seqs=2, budget=16, num_steps=4)
+    a, b = add(s, "a", 5, max_tokens=20), add(s, "b", 3, max_tokens=6)
+    flight = _lagged_step(s, None)  # prefills
+    flight = _lagged_step(s, flight)  # the first decode: the arrays are built from the running list
+    assert s.steady.valid and [(sr.num_computed_tokens, sr.num_steps) for sr in flight.scheduled] == [(5, 4), (3, 4)]
+    flight = _lagged_step(s, flight)  # planned over the arrays: b has 1 token left to plan (6 - 1 - 4)
+    assert s.steady.valid and [(sr.num_computed_tokens, sr.num_steps) for sr in flight.scheduled] == [(9, 4), (7, 1)]
+    assert (a.num_pending, b.num_pending) == (4, 1) and len(s.pages.pages_of("a")) == 4  # after step 2's ids
+    flight = _lagged_step(s, flight)  # b's pending token reaches max_tokens: a alone; then b's last id arrives
+    assert [sr.request.request_id for sr in flight.scheduled] == ["a"] and b.finished and not s.steady.valid
+    _lagged_step(s, flight)  # rebuilt from the running list without b
+    assert s.steady.valid and len(s.running) == 1
+    s.pages.check_invariants()

@@ -1,0 +1,70 @@
+"""The steady multi-step decode's scheduling over arrays: the running requests' planning state kept between steps,
+so that a step in which every running request decodes again is planned by NumPy, not per request."""
+
+import numpy as np
+
+from jaxpaged.page_manager import PageManager
+from jaxpaged.request import Request
+from jaxpaged.scheduler_output import ScheduledRequest
+
+
+class SteadyDecode:
+    """Plans multi-step decodes of an unchanged running list from arrays built once from its requests.
+
+    NOTE: valid only while nothing but `schedule` changes the running requests' computed tokens, pending tokens
+    or pages: the scheduler invalidates it whenever it takes any other path, and when a request leaves.
+    """
+
+    def __init__(self, page_size: int, max_model_len: int):
+        self.page_size = page_size
+        self.max_model_len = max_model_len
+        self.valid = False
+        self.computed = self.room = self.num_pages = np.zeros(0, np.int64)
+        self.page_lists: list[list[int]] = []
+
+    def invalidate(self) -> None:
+        self.valid = False
+
+    def build(self, running: list[Request], pages: PageManager) -> bool:
+        """Reads each running request's state once; False (and stays invalid) when a request's next write goes
+        into a shared page: its copy-on-write is the general pass's."""
+        size, max_len, refs = self.page_size, self.max_model_len, pages.ref_counts
+        computed, room, page_lists = [], [], []
+        for req in running:
+            own = pages.pages_of(req.request_id)
+            c = req.num_computed_tokens
+            if c // size < len(own) and refs[own[c // size]] > 1:
+                return False
+            num_outputs = len(req.output_token_ids) + req.num_pending
+            left = max_len - len(req.prompt_token_ids) - num_outputs
+            max_tokens = req.sampling_params.max_tokens
+            computed.append(c)
+            room.append(left if max_tokens is None else min(left, max_tokens - num_outputs))
+            page_lists.append(own)
+        self.computed = np.array(computed, np.int64)  # [R] tokens whose K/V are written or being written
+        self.room = np.array(room, np.int64)  # [R] tokens each may still be planned (length limits, pending counted)
+        self.num_pages = np.array([len(p) for p in page_lists], np.int64)  # [R]
+        self.page_lists = page_lists
+        self.valid = True
+        return True
+
+    def schedule(self, running: list[Request], num_steps: int,
+                 pages: PageManager) -> tuple[list[ScheduledRequest], int] | None:
+        """The rows of a decode of up to `num_steps` tokens each (fewer near a length limit; none for a request
+        whose pending tokens already reach one) and the step's sub-step count, marking them computed and pending;
+        None, changing nothing, when the free pages cannot cover them (the general pass preempts)."""
+        steps = np.minimum(self.room, num_steps)  # [R] tokens each row plans; <= 0: it waits to finish
+        steps[steps < 0] = 0
+        total = self.computed + steps  # [R]
+        need = np.maximum(-(-total // self.page_size) - self.num_pages, 0)  # [R] new pages
+        if not pages.extend(self.page_lists, need):
+            return None
+        live = np.flatnonzero(steps)  # [L]
+        scheduled = []
+        for i, start, n in zip(live.tolist(), self.computed[live].tolist(), steps[live].tolist()):
+            req = running[i]
+            req.num_computed_tokens = start + n
+            req.num_pending += n
+            scheduled.append(ScheduledRequest(req, start, 1, True, n))
+        self.computed, self.room, self.num_pages = total, self.room - steps, self.num_pages + need
+        return scheduled, (num_steps if (steps > 1).any() else 1)
