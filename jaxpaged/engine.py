@@ -17,6 +17,7 @@ from jaxpaged.beam_search import BeamSearchParams, BeamState
 from jaxpaged.buckets import Buckets
 from jaxpaged.config import EngineArgs, default_batch_limits
 from jaxpaged.executable_cache import ExecutableCache
+from jaxpaged.input_batch import ArrivedTokens
 from jaxpaged.kv_pool import device_free_bytes, num_pages_for, page_bytes
 from jaxpaged.metrics import Counter, EngineCounters, Gauge
 from jaxpaged.models import load_model
@@ -326,9 +327,9 @@ class LLMEngine:
                 self.counters.num_requests_finished += 1
         return outputs
 
-    def _on_tokens(self, reqs: list[Request], token_ids: list[list[int]]) -> None:
-        self.runner.append_tokens(reqs, token_ids)
-        self.counters.generation_tokens += sum(map(len, token_ids))
+    def _on_tokens(self, arrived: ArrivedTokens) -> None:
+        self.runner.append_tokens(arrived)
+        self.counters.generation_tokens += int(arrived.counts.sum())
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)

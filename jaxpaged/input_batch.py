@@ -6,7 +6,6 @@ only new pages are sent. Building a step is then a few vectorised NumPy gathers 
 """
 
 import dataclasses
-import itertools
 
 import numpy as np
 
@@ -33,6 +32,17 @@ class StepLayout:
     row_slots: np.ndarray     # [S] int32  slot whose sampling parameters each row uses (fork rows: the child's)
     sample_slots: np.ndarray  # [S] int32  slot to store the sampled id in (pad slot: row does not sample)
     positions: np.ndarray     # [S] int32  index of the sampled token among the request's outputs
+
+
+@dataclasses.dataclass(slots=True)
+class ArrivedTokens:
+    """The output ids a finished step gave its live requests: request i kept `counts[i]` ids, the first ones of
+    row `rows[i]` of `ids` (a stop cuts the rest)."""
+
+    requests: list[Request]
+    rows: np.ndarray    # [R] int32
+    counts: np.ndarray  # [R] int32
+    ids: np.ndarray     # [S, K] int32  the step's sampled ids per sampler row and sub-step
 
 
 class InputBatch:
@@ -69,19 +79,17 @@ class InputBatch:
         if slot is not None:
             self._free.append(slot)
 
-    def append_tokens(self, reqs: list[Request], token_ids: list[list[int]]) -> None:
-        """Records arrived output tokens, a list per request, in the requests' rows (requests without a slot are
-        skipped)."""
-        get = self.slot_of.get
-        slots = np.array([get(r.request_id, self.pad_slot) for r in reqs], np.int32)  # [R]
-        counts = np.array([len(t) for t in token_ids], np.int32)  # [R]
-        flat = np.fromiter(itertools.chain.from_iterable(token_ids), np.int32, int(counts.sum()))  # [N]
-        rows = np.repeat(slots, counts)  # [N]
-        cols = self.num_known[rows] + np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
-        keep = rows != self.pad_slot
-        self.tokens[rows[keep], cols[keep]] = flat[keep]
-        has_slot = slots != self.pad_slot
-        self.num_known[slots[has_slot]] += counts[has_slot]
+    def append_tokens(self, arrived: ArrivedTokens) -> None:
+        """Records arrived output tokens in the requests' rows (requests without a slot are skipped)."""
+        get, pad, n = self.slot_of.get, self.pad_slot, len(arrived.requests)
+        slots = np.fromiter((get(r.request_id, pad) for r in arrived.requests), np.int32, n)  # [R]
+        keep = slots != pad
+        slots, counts, rows = slots[keep], arrived.counts[keep], arrived.rows[keep]
+        steps = np.arange(arrived.ids.shape[1])  # [K]
+        taken = steps < counts[:, None]  # [R, K]
+        cols = self.num_known[slots][:, None] + steps  # [R, K]
+        self.tokens[np.broadcast_to(slots[:, None], taken.shape)[taken], cols[taken]] = arrived.ids[rows][taken]
+        self.num_known[slots] += counts
 
     def rewrite(self, req: Request) -> None:
         """Copies a request's outputs into its row again and queues its whole page table to be sent (its outputs

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxpaged.beam_search import BeamState
 from jaxpaged.detokenizer import IncrementalDetokenizer, make_detokenizer
+from jaxpaged.input_batch import ArrivedTokens
 from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from jaxpaged.prompt_logprobs import PromptChunk
 from jaxpaged.request import Request, RequestStatus
@@ -35,8 +36,10 @@ class RequestGroup:
     prompt_logprobs: PromptLogprobs | None = None  # filled as the prompt's chunks are computed
     sent_prompt_logprobs: bool = False
     beam: BeamState | None = None  # a beam search: its outputs come from BeamProcessor
+    streams: bool = dataclasses.field(init=False)  # not FINAL_ONLY: an output in every step it progresses
 
     def __post_init__(self) -> None:
+        self.streams = self.params.output_kind is not RequestOutputKind.FINAL_ONLY
         self.sent_tokens = [0] * len(self.children)
         self.sent_chars = [0] * len(self.children)
         if self.params.prompt_logprobs is not None:
@@ -83,15 +86,17 @@ class OutputProcessor:
                   for _ in children]
         group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks)
         self.groups[request_id] = group
+        room = self.max_model_len - len(prompt_token_ids)
         for i, child in enumerate(children):
             child.group, child.index = group, i
+            child.max_outputs = min(child.max_outputs, room)
         return group
 
     def process(self, sched: SchedulerOutput, outs: list[SamplerOutput], on_tokens, on_finish,
                 prompt: tuple[list[PromptChunk], SamplerOutput | None] = ((), None)) -> list[RequestOutput]:
         """Takes a step's sampled ids (`outs`: one entry, or one per sub-step of a multi-step decode). Appends each
         live request's ids up to the first that meets a stop condition (its later ids are dropped), calls
-        `on_tokens(requests, id lists)` once, then `on_finish(req, status)` for each request that stopped; returns
+        `on_tokens(ArrivedTokens)` once, then `on_finish(req, status)` for each request that stopped; returns
         one output per group that progressed (finished groups are dropped). Rows of requests that finished or were
         aborted while the step ran are ignored; beams are BeamProcessor's. `prompt`: the step's prompt-logprob
         chunks and their results.
@@ -100,38 +105,36 @@ class OutputProcessor:
         look at each token."""
         for chunk in prompt[0]:
             self._add_prompt_logprobs(chunk, prompt[1])
-        columns = np.stack([out.token_ids for out in outs], axis=1).tolist()  # [S][K] sampled ids per row
-        reqs, arrived, finishing = [], [], []
-        touched: dict[str, RequestGroup] = {}
-        max_len = self.max_model_len
-        for row, req, num_steps in sched.sampling_plan():
+        ids = np.stack([out.token_ids for out in outs], axis=1)  # [S, K] sampled ids per row
+        columns = ids.tolist()
+        reqs, rows, counts, finishing = [], [], [], []
+        touched: dict[str, RequestGroup] = {}  # groups with an output to build: streaming or finishing ones
+        for row, req, num_steps in sched.sampling_plan():  # kept to plain operations: every row, every step
             group = req.group
-            if req.finished or group.beam is not None:
+            if group.beam is not None or req.finished:
                 continue
             tokens = columns[row][:num_steps]
-            p, outputs = req.sampling_params, req.output_token_ids
-            room = max_len - len(req.prompt_token_ids) - len(outputs)  # outputs before a length limit
-            if p.max_tokens is not None and p.max_tokens - len(outputs) < room:
-                room = p.max_tokens - len(outputs)
-            if num_steps < room and not p.stop and p.logprobs is None and req.stop_ids.isdisjoint(tokens):
-                group.detokenizers[req.index].extend(tokens)  # the common case: no stop is possible
+            room = req.max_outputs - len(req.output_token_ids)  # outputs before a length limit
+            if num_steps < room and req.plain and req.stop_ids.isdisjoint(tokens):  # no stop is possible
+                group.detokenizers[req.index].extend(tokens)
                 req.append_outputs(tokens)
             else:
                 status = self._accept(req, tokens, outs, row, room)  # cuts `tokens` after a stop
                 if status is not None:
                     finishing.append((req, status))
+                    touched[group.request_id] = group
             reqs.append(req)
-            arrived.append(tokens)
-            touched[group.request_id] = group
-        on_tokens(reqs, arrived)
-        ending = set()  # groups with a child that finished in this step
+            rows.append(row)
+            counts.append(len(tokens))
+            if group.streams:
+                touched[group.request_id] = group
+        on_tokens(ArrivedTokens(reqs, np.array(rows, np.int32), np.array(counts, np.int32), ids))
         for req, status in finishing:
             on_finish(req, status)
-            ending.add(req.group.request_id)
         outputs = []
         for group in touched.values():
-            finished = group.request_id in ending and group.finished
-            if finished or group.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            finished = group.finished
+            if finished or group.streams:
                 outputs.append(group.to_output(finished))
             if finished:
                 self.groups.pop(group.request_id, None)

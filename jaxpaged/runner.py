@@ -29,7 +29,7 @@ from jaxpaged.background_compile import BackgroundCompiler, background_order, in
 from jaxpaged.buckets import Buckets
 from jaxpaged.compile_memory import CompileMemory, autotune_bytes
 from jaxpaged.executable_cache import ExecutableCache
-from jaxpaged.input_batch import InputBatch, StepLayout
+from jaxpaged.input_batch import ArrivedTokens, InputBatch, StepLayout
 from jaxpaged.kv_pool import device_unused_bytes
 from jaxpaged.metrics import PaddingStats
 from jaxpaged.models import LoadedModel
@@ -300,9 +300,9 @@ class ModelRunner:
         """Mirrors a request whose outputs and pages were replaced (beam search) in the persistent batch."""
         self.batch.rewrite(req)
 
-    def append_tokens(self, reqs: list[Request], token_ids: list[list[int]]) -> None:
-        """Records arrived output tokens (a list per request) in the requests' rows of the persistent batch."""
-        self.batch.append_tokens(reqs, token_ids)
+    def append_tokens(self, arrived: ArrivedTokens) -> None:
+        """Records arrived output tokens in the requests' rows of the persistent batch."""
+        self.batch.append_tokens(arrived)
 
     def _add_request(self, req: Request) -> None:
         slot = self.batch.add(req)

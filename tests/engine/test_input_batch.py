@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jaxpaged.input_batch import InputBatch
+from jaxpaged.input_batch import ArrivedTokens, InputBatch
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request
 from jaxpaged.sampling_params import SamplingParams
@@ -18,6 +18,15 @@ def admit(batch, sched):
     for s in sched.scheduled:
         if s.request.request_id not in batch.slot_of:
             batch.add(s.request)
+
+
+def arrived(reqs, id_lists):
+    """ArrivedTokens of requests that kept `id_lists` (row i of the step's ids holds list i, padded)."""
+    ids = np.full((len(reqs), max(map(len, id_lists))), -7, np.int32)
+    for i, row in enumerate(id_lists):
+        ids[i, :len(row)] = row
+    return ArrivedTokens(reqs, np.arange(len(reqs), dtype=np.int32), np.array([len(r) for r in id_lists], np.int32),
+                         ids)
 
 
 def test_prefill_then_decode_reads_pending_token_from_its_slot():
@@ -39,7 +48,7 @@ def test_prefill_then_decode_reads_pending_token_from_its_slot():
     assert lay2.token_ids.tolist()[:2] == [-1, -2]
     assert lay2.kv_lens.tolist()[:2] == [6, 3] and lay2.positions.tolist()[:2] == [1, 1]
     a.append_outputs([42])
-    batch.append_tokens([a], [[42]])
+    batch.append_tokens(arrived([a], [[42]]))
     assert batch.tokens[0, :6].tolist() == [5, 6, 7, 8, 9, 42] and a.num_pending == 1
 
 
@@ -51,10 +60,10 @@ def test_append_tokens_takes_several_per_request_and_skips_requests_without_a_sl
     for r in (a, b):
         sch.add_request(r)
     admit(batch, sch.schedule())
-    batch.append_tokens([a, gone, b], [[40, 41, 42], [99, 98], [50]])
-    batch.append_tokens([b, a], [[51, 52], []])
+    batch.append_tokens(arrived([a, gone, b], [[40, 41, 42], [99, 98], [50]]))
+    batch.append_tokens(arrived([b, a], [[51, 52], []]))
     assert batch.tokens[0, :6].tolist() == [5, 6, 7, 40, 41, 42] and batch.tokens[1, :5].tolist() == [1, 2, 50, 51, 52]
-    assert batch.num_known.tolist()[:2] == [6, 5] and 99 not in batch.tokens
+    assert batch.num_known.tolist()[:2] == [6, 5] and 99 not in batch.tokens and -7 not in batch.tokens
 
 
 def test_page_updates_send_only_new_pages_and_a_new_slot_owner_starts_over():

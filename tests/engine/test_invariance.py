@@ -136,9 +136,16 @@ def test_multi_step_decode_gives_same_outputs_in_fewer_steps(baseline, small_poo
     _, tokens, _ = baseline
     _, single_steps = stepped(small_pool.llm_engine)
     with configured(small_pool, async_scheduling, num_scheduler_steps=4) as engine:
-        multi, multi_steps = stepped(engine)  # decode loops on the device, in a pool that preempts
+        steady, planned = engine.scheduler.steady, []
+        plan = steady.schedule
+        steady.schedule = lambda *args: planned.append(plan(*args)) or planned[-1]
+        try:
+            multi, multi_steps = stepped(engine)  # decode loops on the device, in a pool that preempts
+        finally:
+            del steady.schedule
     assert multi == tokens
     assert multi_steps < single_steps * 0.6, (multi_steps, single_steps)
+    assert sum(p is not None for p in planned) >= 3  # steps planned over SteadyDecode's arrays
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

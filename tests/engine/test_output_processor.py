@@ -37,6 +37,11 @@ def finisher(finished):
     return finish
 
 
+def kept(arrived):
+    """The ids each request kept, as lists."""
+    return [arrived.ids[row, :n].tolist() for row, n in zip(arrived.rows, arrived.counts)]
+
+
 def test_ids_are_cut_at_the_first_stop_of_each_request_and_passed_on_once():
     proc = OutputProcessor(None, max_model_len=64)
     reqs = [queued(proc, "eos", 4), queued(proc, "stop-id", 4, stop_token_ids=[9]),
@@ -50,9 +55,10 @@ def test_ids_are_cut_at_the_first_stop_of_each_request_and_passed_on_once():
                     [51, 52, 53, 54]]).T  # runs on
     ids[2, 0] = EOS
     passed, finished = [], []
-    outputs = proc.process(sched, sub_steps(ids), lambda r, t: passed.append((r, t)), finisher(finished))
+    outputs = proc.process(sched, sub_steps(ids), lambda a: passed.append(a), finisher(finished))
     assert len(passed) == 1  # one persistent-batch update for the whole step
-    assert [t for t in passed[0][1]] == [[11, 12, EOS], [21, 9], [31, 32, 33], [EOS, 42, EOS, 44], [51, 52, 53, 54]]
+    assert kept(passed[0]) == [[11, 12, EOS], [21, 9], [31, 32, 33], [EOS, 42, EOS, 44], [51, 52, 53, 54]]
+    assert passed[0].requests == reqs
     assert finished == [("eos", RequestStatus.FINISHED_STOPPED), ("stop-id", RequestStatus.FINISHED_STOPPED),
                         ("length", RequestStatus.FINISHED_LENGTH)]
     assert [r.num_pending for r in reqs] == [1, 2, 1, 0, 0]  # the dropped ids stay pending on finished requests
@@ -69,7 +75,7 @@ def test_max_model_len_cuts_like_max_tokens_and_finished_rows_are_skipped():
     sched = SchedulerOutput([ScheduledRequest(near, 3, 1, True, 4), ScheduledRequest(done, 3, 1, True, 4)], [],
                             num_steps=4)
     passed, finished = [], []
-    proc.process(sched, sub_steps(np.arange(8).reshape(4, 2) + 10), lambda r, t: passed.append(t),
+    proc.process(sched, sub_steps(np.arange(8).reshape(4, 2) + 10), lambda a: passed.append(kept(a)),
                  finisher(finished))
     assert passed == [[[10, 12]]] and near.output_token_ids == [10, 12]
     assert finished == [("near", RequestStatus.FINISHED_LENGTH)] and done.output_token_ids == []
