@@ -6,6 +6,7 @@ only new pages are sent. Building a step is then a few vectorised NumPy gathers 
 """
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -124,8 +125,10 @@ class InputBatch:
     def layout(self, sched: SchedulerOutput, num_tokens: int, num_seqs: int) -> StepLayout:
         """Flat token ids and per-sequence arrays of a step, padded to `num_tokens` x `num_seqs`."""
         n = len(sched.scheduled)
-        meta = np.array([(self.slot_of[s.request.request_id], s.num_computed_tokens, s.num_new_tokens, s.samples)
-                         for s in sched.scheduled], np.int32).reshape(n, 4)
+        slot_of = self.slot_of
+        meta = np.fromiter(itertools.chain.from_iterable(
+            [(slot_of[s.request.request_id], s.num_computed_tokens, s.num_new_tokens, s.samples)
+             for s in sched.scheduled]), np.int32, 4 * n).reshape(n, 4)
         slot, start, count, samples = meta.T
         slots = np.full(num_seqs, self.pad_slot, np.int32)
         slots[:n] = slot
