@@ -177,7 +177,8 @@ class PageManager:
         if int(counts.sum()) > len(self.free):
             return False
         take = self._take_free_page
-        for i, n in zip(np.flatnonzero(counts).tolist(), counts[counts > 0].tolist()):
+        rows = np.flatnonzero(counts)
+        for i, n in zip(rows.tolist(), counts[rows].tolist()):
             pages = page_lists[i]
             for _ in range(n):
                 pages.append(take())

@@ -63,15 +63,22 @@ class Scheduler:
         With async scheduling a step is scheduled before the previous one's tokens reach the host: a request whose
         pending tokens already reach max_tokens or max_model_len is left out until they arrive and it finishes.
         """
-        out = self._steady_step()
-        if out is not None:
-            return out
+        counted = None  # `_multi_step_count()`, computed at most once per step
+        if self._steady_may_apply():
+            steady, k = self.steady, self.num_scheduler_steps
+            if not steady.valid:
+                counted = self._multi_step_count()
+                if counted == (k, False):
+                    steady.build(self.running, self.pages)
+            planned = steady.schedule(self.running, k, self.pages) if steady.valid else None
+            if planned is not None:
+                return SchedulerOutput(planned[0], [], planned[1], copies=self.pages.take_copies())
         self.steady.invalidate()
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         running, max_len, allocate = self.running, self.max_model_len, self.pages.allocate
-        multi, with_prefill = self._multi_step_count()
+        multi, with_prefill = counted or self._multi_step_count()
         decode_steps = multi + with_prefill  # the forward pass's token first, with prefills
         i = 0
         while i < len(running) and budget > 0:  # one pass per running request per step: kept to plain arithmetic
@@ -108,20 +115,13 @@ class Scheduler:
         self.running.extend(f.child for f in forks)  # only now: they must not be scheduled in their fork step
         return SchedulerOutput(scheduled, preempted, num_steps, forks, self.pages.take_copies(), with_prefill)
 
-    def _steady_step(self) -> SchedulerOutput | None:
-        """A multi-step decode of every running request planned over `SteadyDecode`'s arrays: taken when no
-        request can be admitted and the running list is the one the arrays were built from (built here when every
-        running request decodes and may take multi-steps). None: the general pass plans the step."""
-        running, steady, k = self.running, self.steady, self.num_scheduler_steps
-        if (k == 1 or not running or len(running) > self.max_num_batched_tokens
-                or (self.waiting and len(running) < self.max_num_seqs) or not self.multi_step_ready()):
-            return None
-        if not steady.valid and (self._multi_step_count() != (k, False) or not steady.build(running, self.pages)):
-            return None
-        planned = steady.schedule(running, k, self.pages)
-        if planned is None:
-            return None
-        return SchedulerOutput(planned[0], [], planned[1], copies=self.pages.take_copies())
+    def _steady_may_apply(self) -> bool:
+        """Whether this step may be a multi-step decode planned over `SteadyDecode`'s arrays: no request can be
+        admitted and multi-steps may run (the arrays then hold the running list's state, built in `schedule` when
+        every running request decodes and may take multi-steps, or kept from the previous step)."""
+        running = self.running
+        return (self.num_scheduler_steps > 1 and bool(running) and len(running) <= self.max_num_batched_tokens
+                and not (self.waiting and len(running) < self.max_num_seqs) and self.multi_step_ready())
 
     def _multi_step_count(self) -> tuple[int, bool]:
         """(`num_scheduler_steps`, whether prefills may share the step) when this step can be a multi-step

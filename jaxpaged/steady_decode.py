@@ -53,8 +53,7 @@ class SteadyDecode:
         """The rows of a decode of up to `num_steps` tokens each (fewer near a length limit; none for a request
         whose pending tokens already reach one) and the step's sub-step count, marking them computed and pending;
         None, changing nothing, when the free pages cannot cover them (the general pass preempts)."""
-        steps = np.minimum(self.room, num_steps)  # [R] tokens each row plans; <= 0: it waits to finish
-        steps[steps < 0] = 0
+        steps = np.clip(self.room, 0, num_steps)  # [R] tokens each row plans; 0: it waits to finish
         total = self.computed + steps  # [R]
         need = np.maximum(-(-total // self.page_size) - self.num_pages, 0)  # [R] new pages
         if not pages.extend(self.page_lists, need):
