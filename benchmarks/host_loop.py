@@ -70,17 +70,17 @@ def run_once(args) -> tuple[dict[str, float], int]:
         t0 = time.perf_counter()
         sched = scheduler.schedule()
         t1 = time.perf_counter()
-        for s in sched.scheduled:
-            if s.request.request_id not in batch.slot_of:
-                batch.add(s.request)
-        batch.page_updates(sched, pages.pages_of)
+        slots = batch.slots(sched.requests)
+        for i in np.flatnonzero(slots < 0).tolist():
+            slots[i] = batch.add(sched.requests[i])
+        batch.page_updates(sched, slots, pages.pages_of)
         rows = n if sched.num_steps > 1 else args.max_num_batched_tokens
-        batch.layout(sched, rows, n)
+        batch.layout(sched, slots, rows, n)
         t2 = time.perf_counter()
         if in_flight is not None:
             outputs.process(*in_flight, batch.append_tokens, finish)
         t3 = time.perf_counter()
-        in_flight = (sched, _sampled(sched.num_steps, n, rng)) if sched.scheduled else None
+        in_flight = (sched, _sampled(sched.num_steps, n, rng)) if sched.requests else None
         if sched.num_steps > 1:
             for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
                 seconds[phase] += dt

@@ -156,7 +156,7 @@ def timeline(engine, add_seconds: float) -> dict:
     rows, kinds = [], {}
     for seconds, wait, sched in zip(times, waits, launched):
         ms, wait_ms = 1000 * seconds, 1000 * wait
-        tokens, seqs = (sched.num_tokens, len(sched.scheduled)) if sched else (0, 0)
+        tokens, seqs = (sched.num_tokens, len(sched.requests)) if sched else (0, 0)
         sub_steps = sched.num_steps if sched else 0
         kind = "none" if sched is None else "prefill" if tokens > seqs else "multi" if sub_steps > 1 else "decode"
         total = kinds.setdefault(kind, {"steps": 0, "ms": 0.0, "wait_ms": 0.0})

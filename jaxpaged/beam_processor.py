@@ -42,7 +42,8 @@ class BeamProcessor:
         """Takes the beams' rows of a finished step; returns the outputs of the groups that finished.
         `on_finish(req, status)` ends a sequence (scheduler and runner)."""
         touched = {}
-        for row, req, _ in sched.sampling_plan():  # beams take single steps
+        rows, reqs, _ = sched.sampling_plan()
+        for row, req in zip(rows.tolist(), reqs):  # beams take single steps
             group = req.group
             if group is None or group.beam is None or req.finished or group.request_id not in self.groups:
                 continue

@@ -301,7 +301,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
             self.runner.remove_request(victim.request_id)
-        launched = self.runner.launch(sched, self.page_manager.pages_of) if sched.scheduled else None
+        launched = self.runner.launch(sched, self.page_manager.pages_of) if sched.requests else None
         if self._in_flight is not None:
             outputs += self._process(self._in_flight)
         self._in_flight = launched

@@ -41,8 +41,8 @@ class ArrivedTokens:
     row `rows[i]` of `ids` (a stop cuts the rest)."""
 
     requests: list[Request]
-    rows: np.ndarray    # [R] int32
-    counts: np.ndarray  # [R] int32
+    rows: np.ndarray    # [R] int
+    counts: np.ndarray  # [R] int
     ids: np.ndarray     # [S, K] int32  the step's sampled ids per sampler row and sub-step
 
 
@@ -59,7 +59,7 @@ class InputBatch:
         self.tokens = np.zeros((num_slots, max_model_len), np.int32)  # lazily touched by the OS: rows fill as used
         self.num_known = np.zeros(num_slots + 1, np.int32)
         self.num_prompt = np.zeros(num_slots + 1, np.int32)
-        self.pages_sent = [0] * num_slots
+        self.pages_sent = np.zeros(num_slots + 1, np.int64)  # page-table entries the device has, per slot
         self.slot_of: dict[str, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))
 
@@ -82,9 +82,8 @@ class InputBatch:
 
     def append_tokens(self, arrived: ArrivedTokens) -> None:
         """Records arrived output tokens in the requests' rows (requests without a slot are skipped)."""
-        get, pad, n = self.slot_of.get, self.pad_slot, len(arrived.requests)
-        slots = np.fromiter((get(r.request_id, pad) for r in arrived.requests), np.int32, n)  # [R]
-        keep = slots != pad
+        slots = self.slots(arrived.requests)  # [R]
+        keep = slots >= 0
         slots, counts, rows = slots[keep], arrived.counts[keep], arrived.rows[keep]
         steps = np.arange(arrived.ids.shape[1])  # [K]
         taken = steps < counts[:, None]  # [R, K]
@@ -101,37 +100,44 @@ class InputBatch:
         self.num_known[slot] = n
         self.pages_sent[slot] = 0
 
-    def page_updates(self, sched: SchedulerOutput, pages_of) -> tuple[list[int], list[int], list[int]]:
-        """(slots, columns, page ids) of page-table entries the device does not have yet: pages new to a scheduled
-        or forked request, and entries it already had that a copy-on-write replaced."""
-        rows, cols, vals = [], [], []
-        for c in sched.copies:
-            slot = self.slot_of.get(c.request_id)
-            if slot is not None and c.index < self.pages_sent[slot]:
-                rows.append(slot)
-                cols.append(c.index)
-                vals.append(c.dst)
-        for req in [s.request for s in sched.scheduled] + [f.child for f in sched.forks]:
-            slot = self.slot_of[req.request_id]
-            pages = pages_of(req.request_id)
-            sent = self.pages_sent[slot]
-            if len(pages) > sent:
-                rows += [slot] * (len(pages) - sent)
-                cols += range(sent, len(pages))
-                vals += pages[sent:]
-                self.pages_sent[slot] = len(pages)
-        return rows, cols, vals
+    def slots(self, requests: list[Request]) -> np.ndarray:
+        """[R] int32 slot of each request, -1 for a request without one."""
+        get = self.slot_of.get
+        return np.fromiter((get(r.request_id, -1) for r in requests), np.int32, len(requests))
 
-    def layout(self, sched: SchedulerOutput, num_tokens: int, num_seqs: int) -> StepLayout:
-        """Flat token ids and per-sequence arrays of a step, padded to `num_tokens` x `num_seqs`."""
-        n = len(sched.scheduled)
-        slot_of = self.slot_of
-        meta = np.fromiter(itertools.chain.from_iterable(
-            [(slot_of[s.request.request_id], s.num_computed_tokens, s.num_new_tokens, s.samples)
-             for s in sched.scheduled]), np.int32, 4 * n).reshape(n, 4)
-        slot, start, count, samples = meta.T
-        slots = np.full(num_seqs, self.pad_slot, np.int32)
-        slots[:n] = slot
+    def page_updates(self, sched: SchedulerOutput, slots: np.ndarray,
+                     pages_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slots, columns, page ids) [U] int32 of page-table entries the device does not have yet: entries it had
+        that a copy-on-write replaced, then pages new to a scheduled (in `slots`, from `self.slots`) or forked
+        request. Only the rows whose page count grew are visited."""
+        copied = [(slot, c.index, c.dst) for c in sched.copies
+                  if (slot := self.slot_of.get(c.request_id)) is not None and c.index < self.pages_sent[slot]]
+        requests, counts = sched.requests, sched.num_pages  # [R], [R]
+        if sched.forks:
+            children = [f.child for f in sched.forks]
+            requests = requests + children
+            slots = np.concatenate([slots, self.slots(children)])
+            counts = np.concatenate([counts, [len(pages_of(c.request_id)) for c in children]])
+        at = np.flatnonzero(counts > self.pages_sent[slots])  # [G] rows that got pages
+        grown, sent, count = slots[at], self.pages_sent[slots[at]], counts[at]  # [G]
+        self.pages_sent[grown] = count
+        new = count - sent  # [G]
+        total = int(new.sum())
+        pages = itertools.chain.from_iterable(pages_of(requests[i].request_id)[a:b]
+                                              for i, a, b in zip(at.tolist(), sent.tolist(), count.tolist()))
+        entries = (np.repeat(grown, new), np.arange(total) + np.repeat(sent - (np.cumsum(new) - new), new),
+                   np.fromiter(pages, np.int64, total))  # [N] each
+        if not copied:
+            return tuple(e.astype(np.int32) for e in entries)
+        return tuple(np.concatenate([c, e]).astype(np.int32) for c, e in zip(zip(*copied), entries))
+
+    def layout(self, sched: SchedulerOutput, slots: np.ndarray, num_tokens: int, num_seqs: int) -> StepLayout:
+        """Flat token ids and per-sequence arrays of a step (`slots`: its rows' slots, from `self.slots`), padded
+        to `num_tokens` x `num_seqs`."""
+        n = len(sched.requests)
+        start, count = sched.starts, sched.counts
+        slot_col = np.full(num_seqs, self.pad_slot, np.int32)
+        slot_col[:n] = slots
         cu = np.zeros(num_seqs + 1, np.int32)
         np.cumsum(count, out=cu[1:n + 1])
         total = int(cu[n])
@@ -140,20 +146,18 @@ class InputBatch:
         kv_lens[:n] = start + count
         seq = np.repeat(np.arange(n), count)  # [total]
         pos = np.arange(total, dtype=np.int32) - cu[seq] + start[seq]
-        row = slot[seq]
+        row = slots[seq]
         token_ids = np.zeros(num_tokens, np.int32)
         token_ids[:total] = np.where(pos < self.num_known[row], self.tokens[row, pos], -(row + 1))
         last_rows = np.maximum(cu[1:] - 1, 0)
         sample_slots = np.full(num_seqs, self.pad_slot, np.int32)
-        sample_slots[:n] = np.where(samples > 0, slot, self.pad_slot)
+        sample_slots[:n] = np.where(sched.samples, slots, self.pad_slot)
         positions = np.zeros(num_seqs, np.int32)
-        positions[:n] = kv_lens[:n] - self.num_prompt[slot]
-        row_slots = slots
+        positions[:n] = kv_lens[:n] - self.num_prompt[slots]
+        row_slots = slot_col
         if sched.forks:  # each child samples its first output from its parent's last token
             k = len(sched.forks)
-            row_slots = slots.copy()
+            row_slots = slot_col.copy()
             row_slots[n:n + k] = sample_slots[n:n + k] = [self.slot_of[f.child.request_id] for f in sched.forks]
             last_rows[n:n + k] = [last_rows[f.row] for f in sched.forks]
-        return StepLayout(token_ids, cu, kv_lens, slots, n, last_rows, row_slots, sample_slots, positions)
-
-
+        return StepLayout(token_ids, cu, kv_lens, slot_col, n, last_rows, row_slots, sample_slots, positions)

@@ -7,6 +7,7 @@ since the group's previous output, FINAL_ONLY builds one output when the group f
 """
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class OutputProcessor:
         self.groups[request_id] = group
         room = self.max_model_len - len(prompt_token_ids)
         for i, child in enumerate(children):
-            child.group, child.index = group, i
+            child.group, child.index, child.detokenizer = group, i, detoks[i]
             child.max_outputs = min(child.max_outputs, room)
         return group
 
@@ -107,28 +108,37 @@ class OutputProcessor:
             self._add_prompt_logprobs(chunk, prompt[1])
         ids = np.stack([out.token_ids for out in outs], axis=1)  # [S, K] sampled ids per row
         columns = ids.tolist()
-        reqs, rows, counts, finishing = [], [], [], []
+        rows, reqs, steps = sched.sampling_plan()  # [P], P, [P]
+        counts = steps.copy()  # [P] ids each request keeps
+        skipped, finishing = [], []
         touched: dict[str, RequestGroup] = {}  # groups with an output to build: streaming or finishing ones
-        for row, req, num_steps in sched.sampling_plan():  # kept to plain operations: every row, every step
+        running = RequestStatus.RUNNING
+        # kept to plain operations (every row, every step): the common row's ids are appended right here
+        for i, row, req, n in zip(itertools.count(), rows.tolist(), reqs, steps.tolist()):
+            tokens = columns[row][:n]
             group = req.group
-            if group.beam is not None or req.finished:
-                continue
-            tokens = columns[row][:num_steps]
-            room = req.max_outputs - len(req.output_token_ids)  # outputs before a length limit
-            if num_steps < room and req.plain and req.stop_ids.isdisjoint(tokens):  # no stop is possible
-                group.detokenizers[req.index].extend(tokens)
-                req.append_outputs(tokens)
+            if (req.status is running and req.plain and n < req.max_outputs - len(req.output_token_ids)
+                    and req.stop_ids.isdisjoint(tokens) and group.beam is None):  # no stop is possible
+                req.detokenizer.extend(tokens)
+                req.output_token_ids += tokens  # Request.append_outputs, inlined
+                req.num_pending -= n
+                if group.streams:
+                    touched[group.request_id] = group
+            elif group.beam is not None or req.finished:
+                skipped.append(i)
             else:
-                status = self._accept(req, tokens, outs, row, room)  # cuts `tokens` after a stop
+                status = self._accept(req, tokens, outs, row, req.max_outputs - len(req.output_token_ids))
+                counts[i] = len(tokens)  # a stop cut them
                 if status is not None:
                     finishing.append((req, status))
+                if status is not None or group.streams:
                     touched[group.request_id] = group
-            reqs.append(req)
-            rows.append(row)
-            counts.append(len(tokens))
-            if group.streams:
-                touched[group.request_id] = group
-        on_tokens(ArrivedTokens(reqs, np.array(rows, np.int32), np.array(counts, np.int32), ids))
+        if skipped:
+            kept = np.ones(len(reqs), bool)
+            kept[skipped] = False
+            reqs = [r for r, k in zip(reqs, kept.tolist()) if k]
+            rows, counts = rows[kept], counts[kept]
+        on_tokens(ArrivedTokens(reqs, rows, counts, ids))
         for req, status in finishing:
             on_finish(req, status)
         outputs = []
@@ -147,7 +157,7 @@ class OutputProcessor:
         stop string, stop token id, EOS, max_tokens, max_model_len (`room`: outputs the length limits leave).
         `process` takes the common case itself: no stop strings or logprobs, no stop id, within the limits."""
         p = req.sampling_params
-        detok = req.group.detokenizers[req.index]
+        detok = req.detokenizer
         per_token = bool(p.stop) or p.logprobs is not None
         status = None
         for j, token in enumerate(tokens):

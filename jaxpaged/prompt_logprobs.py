@@ -27,13 +27,12 @@ class PromptChunk:
 def prompt_chunks(sched: SchedulerOutput, cu_q_lens: np.ndarray) -> list[PromptChunk]:
     """The chunks of a step's rows (`cu_q_lens` [S + 1] of its layout) whose requests ask for prompt logprobs."""
     chunks = []
-    for i, s in enumerate(sched.scheduled):
-        req = s.request
+    for i, (req, start, count) in enumerate(zip(sched.requests, sched.starts.tolist(), sched.counts.tolist())):
         if req.sampling_params.prompt_logprobs is None:
             continue
-        stop = min(s.num_computed_tokens + s.num_new_tokens, req.num_prompt_tokens - 1)
-        if stop > s.num_computed_tokens:
-            chunks.append(PromptChunk(req, int(cu_q_lens[i]), s.num_computed_tokens, stop - s.num_computed_tokens))
+        stop = min(start + count, req.num_prompt_tokens - 1)
+        if stop > start:
+            chunks.append(PromptChunk(req, int(cu_q_lens[i]), start, stop - start))
     return chunks
 
 

@@ -48,6 +48,7 @@ class Request:
     seed: int = 0  # uint32 sampling seed: the request's own or one drawn from the engine's seeded RNG
     group: object = None  # the RequestGroup (user request) this sequence belongs to
     index: int = 0  # this sequence's index among the group's `n` completions
+    detokenizer: object = None  # the group's detokenizer of this sequence
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -38,7 +38,7 @@ from jaxpaged.prompt_logprobs import PromptChunk, prompt_chunks, prompt_targets
 from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
-from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
+from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
                                     prompt_logprobs_step, sample_step, split_steps, update_tables)
 
@@ -304,30 +304,32 @@ class ModelRunner:
         """Records arrived output tokens in the requests' rows of the persistent batch."""
         self.batch.append_tokens(arrived)
 
-    def _add_request(self, req: Request) -> None:
+    def _add_request(self, req: Request) -> int:
+        """Gives `req` a slot in the persistent batch and sets its sampling parameters there; returns the slot."""
         slot = self.batch.add(req)
         p = req.sampling_params
         self.sampling.set(slot, p, req.seed, req.num_prompt_tokens)
         self._min_tokens[slot] = p.min_tokens
         self._penalties[slot] = p.has_penalties
         self._prompt_logprobs[slot] = p.prompt_logprobs is not None
+        return slot
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def launch(self, sched: SchedulerOutput, pages_of) -> StepHandle:
         """Sends the step's inputs and launches it; returns at once (the sampled ids arrive later)."""
-        for s in sched.scheduled:
-            if s.request.request_id not in self.batch.slot_of:
-                self._add_request(s.request)
+        slots = self.batch.slots(sched.requests)  # [R]
+        for i in np.flatnonzero(slots < 0).tolist():  # admitted in this step
+            slots[i] = self._add_request(sched.requests[i])
         for f in sched.forks:
             self._add_request(f.child)
         self._copy_pages(sched.copies)
-        updates = self._table_updates(self.batch.page_updates(sched, pages_of))
+        updates = self._table_updates(self.batch.page_updates(sched, slots, pages_of))
         if sched.num_steps > 1 and not sched.with_prefill:
-            return self._launch_decode(sched, self.buckets.num_seqs(len(sched.scheduled)), updates)
-        num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.scheduled) + len(sched.forks))
-        self.padding.record(sched.num_tokens, num_tokens, len(sched.scheduled), num_seqs)
-        lay = self.batch.layout(sched, num_tokens, num_seqs)
+            return self._launch_decode(sched, slots, self.buckets.num_seqs(len(sched.requests)), updates)
+        num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.requests) + len(sched.forks))
+        self.padding.record(sched.num_tokens, num_tokens, len(sched.requests), num_seqs)
+        lay = self.batch.layout(sched, slots, num_tokens, num_seqs)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, lay.last_rows,
                                    np.array([lay.num_seqs], np.int32)])
         forward = self._program(("forward", num_tokens, num_seqs))
@@ -345,18 +347,21 @@ class ModelRunner:
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
         handle = StepHandle(sched, out, chunks, prompt_out)
         if sched.with_prefill:
-            handle.decode_rows, handle.decode_out = self._launch_decode_rows(sched)
+            handle.decode_rows, handle.decode_out = self._launch_decode_rows(sched, slots)
         return _handle(handle)
 
-    def _launch_decode_rows(self, sched: SchedulerOutput) -> tuple[list[int], SamplerOutput]:
-        """The multi-step decode after a forward pass with prefills: each decode row (`num_steps` > 1) runs its
-        other `num_steps - 1` tokens from the token that pass sampled (on the device, in `slot_tokens`). Returns
-        those rows and the decode's outputs."""
-        rows = [i for i, s in enumerate(sched.scheduled) if s.num_steps > 1]
-        decodes = SchedulerOutput([ScheduledRequest(s.request, s.num_computed_tokens + 1, 1, True, s.num_steps - 1)
-                                   for s in (sched.scheduled[i] for i in rows)], [], sched.num_steps)
-        no_updates = self._table_updates(([], [], []))  # the forward pass applied this step's entries
-        return rows, self._launch_decode(decodes, self.buckets.num_seqs(len(rows)), no_updates).out
+    def _launch_decode_rows(self, sched: SchedulerOutput, slots: np.ndarray) -> tuple[list[int], SamplerOutput]:
+        """The multi-step decode after a forward pass with prefills: each decode row (`steps` > 1) runs its other
+        `steps - 1` tokens from the token that pass sampled (on the device, in `slot_tokens`). Returns those rows
+        and the decode's outputs."""
+        rows = np.flatnonzero(sched.steps > 1)  # [D]
+        ones = np.ones(len(rows), np.int64)
+        decodes = SchedulerOutput([sched.requests[i] for i in rows.tolist()], sched.starts[rows] + 1, ones,
+                                  ones.astype(bool), sched.steps[rows] - 1, sched.num_pages[rows],
+                                  num_steps=sched.num_steps)
+        no_updates = self._table_updates(np.zeros((3, 0), np.int32))  # the forward pass applied this step's entries
+        return rows.tolist(), self._launch_decode(decodes, slots[rows], self.buckets.num_seqs(len(rows)),
+                                                  no_updates).out
 
     def _forward_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """The step's bucket, or while forward programs compile in the background, the smallest compiled one that
@@ -375,13 +380,14 @@ class ModelRunner:
         wider = wider_key(key)
         return wider if wider in self.executables else key
 
-    def _launch_decode(self, sched: SchedulerOutput, num_seqs: int, updates: np.ndarray) -> StepHandle:
-        """A multi-step decode: every scheduled row is a one-token decode that runs `ScheduledRequest.num_steps`
-        sub-steps (the scheduler leaves rows with penalties or min_tokens ahead to single steps); `updates` as
-        `_table_updates` returns them."""
-        lay = self.batch.layout(sched, num_seqs, num_seqs)
+    def _launch_decode(self, sched: SchedulerOutput, slots: np.ndarray, num_seqs: int,
+                       updates: np.ndarray) -> StepHandle:
+        """A multi-step decode: every scheduled row is a one-token decode that runs `steps` sub-steps (the
+        scheduler leaves rows with penalties or min_tokens ahead to single steps); `slots` of its rows, `updates`
+        as `_table_updates` returns them."""
+        lay = self.batch.layout(sched, slots, num_seqs, num_seqs)
         steps = np.zeros(num_seqs, np.int32)
-        steps[:lay.num_seqs] = [s.num_steps for s in sched.scheduled]
+        steps[:lay.num_seqs] = sched.steps
         sub_steps = int(steps.sum())  # one token per live row and sub-step
         self.padding.record(sub_steps, num_seqs * sched.num_steps, sub_steps, num_seqs * sched.num_steps)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
@@ -408,7 +414,7 @@ class ModelRunner:
             chunk[1, :len(part)] = [c.dst for c in part]
             self.kv_caches = self._program(("copy",))(self.kv_caches, chunk)
 
-    def _table_updates(self, updates: tuple[list[int], list[int], list[int]]) -> np.ndarray:
+    def _table_updates(self, updates: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         """The step program's chunk [3, _UPDATE_CHUNK] of page-table entries (slots, columns, page ids; padding
         targets the pad row): the last `_UPDATE_CHUNK` or fewer. Chunks before it (large admissions) go through
         the update program now, so they land first."""
@@ -432,13 +438,13 @@ class ModelRunner:
         NOTE: penalties read the request's tokens on the host, so the engine runs such steps synchronously.
         """
         num_seqs, slots = lay.slots.shape[0], lay.row_slots
-        n = len(sched.scheduled) + len(sched.forks)
+        n = len(sched.requests) + len(sched.forks)
         penalized = self._penalties[slots].any()
         banning = (lay.positions[:n] < self._min_tokens[slots[:n]]).any()
         penalty = np.full((num_seqs, 1), -1, np.int32)
         banned = np.full((num_seqs, BANNED_MIN), -1, np.int32)
         if penalized or banning:
-            requests = [s.request for s in sched.scheduled] + [f.child for f in sched.forks]
+            requests = sched.requests + [f.child for f in sched.forks]
             if penalized:
                 penalty = pad_rows([r.token_ids(0, r.num_known_tokens) if r.sampling_params.has_penalties else []
                                     for r in requests], num_seqs, 64)

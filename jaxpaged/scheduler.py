@@ -5,7 +5,7 @@ import logging
 
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request, RequestStatus
-from jaxpaged.scheduler_output import Fork, ScheduledRequest, SchedulerOutput
+from jaxpaged.scheduler_output import Fork, SchedulerOutput
 from jaxpaged.steady_decode import SteadyDecode
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,11 @@ class Scheduler:
                     steady.build(self.running, self.pages)
             planned = steady.schedule(self.running, k, self.pages) if steady.valid else None
             if planned is not None:
-                return SchedulerOutput(planned[0], [], planned[1], copies=self.pages.take_copies())
+                planned.copies = self.pages.take_copies()
+                return planned
         self.steady.invalidate()
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        scheduled: list[tuple] = []  # SchedulerOutput.from_rows's rows
         preempted: list[Request] = []
         running, max_len, allocate = self.running, self.max_model_len, self.pages.allocate
         multi, with_prefill = counted or self._multi_step_count()
@@ -109,11 +110,12 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         # One program length (the configured count) whatever the rows' own counts, so no other length compiles.
-        num_steps = multi if multi > 1 and any(s.num_steps > 1 for s in scheduled) else 1
+        num_steps = multi if multi > 1 and any(row[4] > 1 for row in scheduled) else 1
         with_prefill = with_prefill and num_steps > 1  # then the decode rows plan the forward's token too
         forks, self._forks = self._forks, []
         self.running.extend(f.child for f in forks)  # only now: they must not be scheduled in their fork step
-        return SchedulerOutput(scheduled, preempted, num_steps, forks, self.pages.take_copies(), with_prefill)
+        return SchedulerOutput.from_rows(scheduled, preempted=preempted, num_steps=num_steps, forks=forks,
+                                         copies=self.pages.take_copies(), with_prefill=with_prefill)
 
     def _steady_may_apply(self) -> bool:
         """Whether this step may be a multi-step decode planned over `SteadyDecode`'s arrays: no request can be
@@ -169,19 +171,18 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             self._forks.append(Fork(row, child))
 
-    def _take(self, scheduled: list[ScheduledRequest], req: Request, num_new: int, num_tokens: int,
-              steps: int = 1) -> None:
+    def _take(self, scheduled: list[tuple], req: Request, num_new: int, num_tokens: int, steps: int = 1) -> None:
         """Schedules the chunk (and `steps - 1` decode sub-steps after it): marks it computed and its tokens
         pending, and forks `req`'s pending children if the chunk samples its first token."""
         start = req.num_computed_tokens
         samples = start + num_new == num_tokens
         req.num_computed_tokens = start + num_new + steps - 1
         req.num_pending += samples + steps - 1
-        scheduled.append(ScheduledRequest(req, start, num_new, samples, steps))
+        scheduled.append((req, start, num_new, samples, steps, len(self.pages.pages_of(req.request_id))))
         if req.forks and samples:
             self._fork(req, len(scheduled) - 1)
 
-    def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+    def _admit_waiting(self, scheduled: list[tuple], budget: int) -> int:
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if len(self.running) + len(self._forks) + self.num_reserved + 1 + len(req.forks) > self.max_num_seqs:

@@ -5,7 +5,7 @@ import numpy as np
 
 from jaxpaged.page_manager import PageManager
 from jaxpaged.request import Request
-from jaxpaged.scheduler_output import ScheduledRequest
+from jaxpaged.scheduler_output import SchedulerOutput
 
 
 class SteadyDecode:
@@ -48,22 +48,23 @@ class SteadyDecode:
         self.valid = True
         return True
 
-    def schedule(self, running: list[Request], num_steps: int,
-                 pages: PageManager) -> tuple[list[ScheduledRequest], int] | None:
-        """The rows of a decode of up to `num_steps` tokens each (fewer near a length limit; none for a request
-        whose pending tokens already reach one) and the step's sub-step count, marking them computed and pending;
-        None, changing nothing, when the free pages cannot cover them (the general pass preempts)."""
+    def schedule(self, running: list[Request], num_steps: int, pages: PageManager) -> SchedulerOutput | None:
+        """A decode of up to `num_steps` tokens per row (fewer near a length limit; no row for a request whose
+        pending tokens already reach one), marking them computed and pending; None, changing nothing, when the
+        free pages cannot cover them (the general pass preempts)."""
         steps = np.clip(self.room, 0, num_steps)  # [R] tokens each row plans; 0: it waits to finish
         total = self.computed + steps  # [R]
         need = np.maximum(-(-total // self.page_size) - self.num_pages, 0)  # [R] new pages
         if not pages.extend(self.page_lists, need):
             return None
+        num_pages = self.num_pages + need  # [R]
         live = np.flatnonzero(steps)  # [L]
-        scheduled = []
-        for i, start, n in zip(live.tolist(), self.computed[live].tolist(), steps[live].tolist()):
-            req = running[i]
-            req.num_computed_tokens = start + n
+        requests = running if len(live) == len(running) else [running[i] for i in live.tolist()]
+        for req, n in zip(requests, steps[live].tolist()):
+            req.num_computed_tokens += n
             req.num_pending += n
-            scheduled.append(ScheduledRequest(req, start, 1, True, n))
-        self.computed, self.room, self.num_pages = total, self.room - steps, self.num_pages + need
-        return scheduled, (num_steps if (steps > 1).any() else 1)
+        ones = np.ones(len(live), np.int64)
+        out = SchedulerOutput(list(requests), self.computed[live], ones, ones.astype(bool), steps[live],
+                              num_pages[live], num_steps=num_steps if (steps > 1).any() else 1)
+        self.computed, self.room, self.num_pages = total, self.room - steps, num_pages
+        return out

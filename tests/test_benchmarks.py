@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-import host_loop  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
+import command_buffers  # noqa: E402  (benchmarks/ import their siblings by name, as scripts)
+import host_loop  # noqa: E402
 import roofline  # noqa: E402
 import serving  # noqa: E402
 import step_profile  # noqa: E402
@@ -120,6 +121,22 @@ def test_sse_parser_holds_an_unfinished_event():
     assert parser.feed(b"data: 1\n") == []
     assert parser.feed(b"\ndata: 2") == ["1"]
     assert parser.feed(b"\n\n") == ["2"]
+
+
+def test_command_buffer_log_counts_launches_and_the_updates_logged_before_each():
+    log = ["CmdBufThunk dev=0 updated=3 stabilized=0 force=0 needs_update=1",
+           "Updated command buffer in 120 μs; num_commands=40",
+           "Execute command buffer; num_executions=1",
+           "Execute command buffer thunk as a regular thunk sequence because we detected active profiling session",
+           "CmdBufThunk dev=0 updated=0 stabilized=0 force=0 needs_update=0",
+           "Execute command buffer; num_executions=2",
+           "Update command buffer on device #0 by recoding command buffer cmd sequence; updated_allocs=5",
+           "Updated command buffer in 80 μs; num_commands=7",
+           "Execute command buffer on device #0; num_executions=1"]
+    got = command_buffers.summarize(log)
+    assert (got["launches"], got["updates"], got["update_us"]) == (3, 2, 200)
+    assert got["moved_per_launch"] == {0: 1, 3: 1, 5: 1}
+    assert command_buffers.summarize(log, last=1)["update_us"] == 80
 
 
 def test_union_length_counts_overlaps_once_and_clips():

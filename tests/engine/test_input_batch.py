@@ -15,9 +15,14 @@ def setup(num_slots=4, page_size=4):
 
 
 def admit(batch, sched):
-    for s in sched.scheduled:
-        if s.request.request_id not in batch.slot_of:
-            batch.add(s.request)
+    for req in sched.requests:
+        if req.request_id not in batch.slot_of:
+            batch.add(req)
+
+
+def updates(batch, out, pm):
+    """page_updates as lists."""
+    return tuple(u.tolist() for u in batch.page_updates(out, batch.slots(out.requests), pm.pages_of))
 
 
 def arrived(reqs, id_lists):
@@ -37,14 +42,14 @@ def test_prefill_then_decode_reads_pending_token_from_its_slot():
     sch.add_request(b)
     out = sch.schedule()
     admit(batch, out)
-    lay = batch.layout(out, 16, 8)
+    lay = batch.layout(out, batch.slots(out.requests), 16, 8)
     assert lay.token_ids.tolist() == [5, 6, 7, 8, 9, 1, 2] + [0] * 9
     assert lay.cu_q_lens.tolist() == [0, 5, 7, 7, 7, 7, 7, 7, 7] and lay.kv_lens.tolist()[:3] == [5, 2, 0]
     assert lay.slots.tolist() == [0, 1] + [4] * 6 and lay.num_seqs == 2
     assert lay.sample_slots.tolist() == [0, 1] + [4] * 6 and lay.positions.tolist()[:2] == [0, 0]
     # the next step is scheduled before step 1's tokens arrive: both decode a pending token
     out2 = sch.schedule()
-    lay2 = batch.layout(out2, 16, 8)
+    lay2 = batch.layout(out2, batch.slots(out2.requests), 16, 8)
     assert lay2.token_ids.tolist()[:2] == [-1, -2]
     assert lay2.kv_lens.tolist()[:2] == [6, 3] and lay2.positions.tolist()[:2] == [1, 1]
     a.append_outputs([42])
@@ -72,14 +77,14 @@ def test_page_updates_send_only_new_pages_and_a_new_slot_owner_starts_over():
     sch.add_request(a)
     out = sch.schedule()
     admit(batch, out)
-    rows, cols, vals = batch.page_updates(out, pm.pages_of)
+    rows, cols, vals = updates(batch, out, pm)
     assert (rows, cols, vals) == ([0, 0], [0, 1], pm.pages_of("a"))
     a.append_outputs([3])
     out = sch.schedule()  # position 7 still fits in page 2
-    assert batch.page_updates(out, pm.pages_of) == ([], [], [])
+    assert updates(batch, out, pm) == ([], [], [])
     a.append_outputs([3])
     out = sch.schedule()  # position 8 opens a third page
-    assert batch.page_updates(out, pm.pages_of) == ([0], [2], [pm.pages_of("a")[2]])
+    assert updates(batch, out, pm) == ([0], [2], [pm.pages_of("a")[2]])
     batch.remove("a")
     b = Request("b", [9] * 3, SamplingParams())
     assert batch.add(b) == 0 and batch.pages_sent[0] == 0
@@ -114,3 +119,24 @@ def test_table_update_chunks_land_in_order_and_the_step_program_gets_the_last():
     assert (tables[:num_slots] == want[:num_slots]).all()
     empty = runner.ModelRunner._table_updates(stub, ([], [], []))
     assert len(calls) == 2 and (empty[0] == num_slots).all()
+
+
+def test_page_updates_send_a_fork_its_shared_pages_and_a_copy_on_write_replaces_an_entry_the_device_had():
+    pm, sch, batch = setup(page_size=4)
+    params = SamplingParams(max_tokens=4, n=2)
+    a, b = Request("a", list(range(6)), params), Request("b", list(range(6)), params)
+    a.forks = [b]
+    sch.add_request(a)
+    out = sch.schedule()  # a computes the prompt and samples; b forks from it, sharing both pages
+    admit(batch, out)
+    batch.add(b)  # as the runner adds a step's forked children
+    shared = list(pm.pages_of("a"))
+    assert pm.pages_of("b") == shared and len(shared) == 2
+    assert updates(batch, out, pm) == ([0, 0, 1, 1], [0, 1, 0, 1], shared + shared)
+    a.append_outputs([7])
+    b.append_outputs([7])
+    out = sch.schedule()  # both write position 6 into the shared second page: the first writer gets a copy
+    (copy,) = out.copies
+    assert (copy.request_id, copy.index, copy.src) == ("a", 1, shared[1])
+    assert pm.pages_of("a") == [shared[0], copy.dst] and pm.pages_of("b") == shared
+    assert updates(batch, out, pm) == ([0], [1], [copy.dst])

@@ -6,7 +6,7 @@ from jaxpaged.output_processor import OutputProcessor
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.sampler import SamplerOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
-from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
+from jaxpaged.scheduler_output import SchedulerOutput
 
 EOS = 2
 PROMPT = [5, 6, 7]
@@ -47,7 +47,7 @@ def test_ids_are_cut_at_the_first_stop_of_each_request_and_passed_on_once():
     reqs = [queued(proc, "eos", 4), queued(proc, "stop-id", 4, stop_token_ids=[9]),
             queued(proc, "length", 4, max_tokens=3), queued(proc, "ignore", 4, ignore_eos=True),
             queued(proc, "runs", 4)]
-    sched = SchedulerOutput([ScheduledRequest(r, 3, 1, True, 4) for r in reqs], [], num_steps=4)
+    sched = SchedulerOutput.from_rows([(r, 3, 1, True, 4, 1) for r in reqs], num_steps=4)
     ids = np.array([[11, 12, 13, 14],    # eos: EOS third
                     [21, 9, 23, 24],     # stop-id: stop id second
                     [31, 32, 33, 34],    # length: max_tokens=3
@@ -72,8 +72,7 @@ def test_max_model_len_cuts_like_max_tokens_and_finished_rows_are_skipped():
     proc = OutputProcessor(None, max_model_len=len(PROMPT) + 2)
     near, done = queued(proc, "near", 4), queued(proc, "done", 4)
     done.status = RequestStatus.FINISHED_ABORTED  # aborted while the step ran
-    sched = SchedulerOutput([ScheduledRequest(near, 3, 1, True, 4), ScheduledRequest(done, 3, 1, True, 4)], [],
-                            num_steps=4)
+    sched = SchedulerOutput.from_rows([(near, 3, 1, True, 4, 1), (done, 3, 1, True, 4, 1)], num_steps=4)
     passed, finished = [], []
     proc.process(sched, sub_steps(np.arange(8).reshape(4, 2) + 10), lambda a: passed.append(kept(a)),
                  finisher(finished))

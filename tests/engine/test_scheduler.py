@@ -32,7 +32,8 @@ def add_forked(s, rid, prompt_len, n, max_tokens=4, base=0):
 def step(s):
     """Schedules, 'computes', samples token 7 for finished chunks (and forks) and ends requests at max_tokens."""
     out = s.schedule()
-    for _, req, num_steps in out.sampling_plan():
+    _, reqs, steps = out.sampling_plan()
+    for req, num_steps in zip(reqs, steps.tolist()):
         for _ in range(num_steps):  # the chunk's token, then one per decode sub-step
             if not req.finished:
                 req.append_outputs([7])
@@ -41,8 +42,14 @@ def step(s):
     return out
 
 
+def rows(out, *fields):
+    """The step's rows as tuples of `fields` ("id" or a column of SchedulerOutput)."""
+    columns = [[r.request_id for r in out.requests] if f == "id" else getattr(out, f).tolist() for f in fields]
+    return list(zip(*columns))
+
+
 def plan(out):
-    return [(sr.request.request_id, sr.num_computed_tokens, sr.num_new_tokens) for sr in out.scheduled]
+    return rows(out, "id", "starts", "counts")
 
 
 def test_token_budget_chunks_prefill_and_decodes_go_first():
@@ -59,7 +66,7 @@ def test_max_num_seqs_caps_running_requests():
     for rid in "abc":
         add(s, rid, 3)
     out = step(s)
-    assert [sr.request.request_id for sr in out.scheduled] == ["a", "b"]
+    assert [r.request_id for r in out.requests] == ["a", "b"]
     assert [r.request_id for r in s.waiting] == ["c"]
 
 
@@ -100,12 +107,12 @@ def test_multi_step_decode_plans_up_to_the_step_count_within_max_tokens_and_page
     a, b = add(s, "a", 3, max_tokens=10), add(s, "b", 5, max_tokens=2)
     assert s.schedule().num_steps == 1  # the prefills
     out = s.schedule()  # both decode, nothing waits: a plans 4 tokens, b only 1 more (max_tokens=2)
-    assert [(sr.num_new_tokens, sr.samples, sr.num_steps) for sr in out.scheduled] == [(1, True, 4), (1, True, 1)]
+    assert rows(out, "counts", "samples", "steps") == [(1, True, 4), (1, True, 1)]
     assert out.num_steps == 4 and (a.num_pending, b.num_pending) == (5, 2)
     assert (a.num_computed_tokens, b.num_computed_tokens) == (7, 6)
     assert len(s.pages.pages_of("a")) == 2 and len(s.pages.pages_of("b")) == 2  # K/V of 7 and 6 tokens
     out = s.schedule()  # tokens still pending: b has all of its max_tokens planned, a decodes on
-    assert [(sr.request.request_id, sr.num_computed_tokens, sr.num_steps) for sr in out.scheduled] == [("a", 7, 4)]
+    assert rows(out, "id", "starts", "steps") == [("a", 7, 4)]
     assert a.num_pending == 9 and len(s.pages.pages_of("a")) == 3
     s.pages.check_invariants()
 
@@ -118,7 +125,7 @@ def test_multi_step_with_prefill_decodes_on_past_an_arrival_and_plans_the_forwar
         step(s)  # a's prompt; it samples its first token
         add(s, "b", 10, max_tokens=20, base=100)  # arrives while a decodes
         out = step(s)
-        assert [(r.request.request_id, r.num_new_tokens, r.num_steps) for r in out.scheduled] == (
+        assert rows(out, "id", "counts", "steps") == (
             [("a", 1, 5), ("b", 10, 1)] if with_prefill else [("a", 1, 1), ("b", 10, 1)])
         assert (out.num_steps, out.with_prefill) == ((4, True) if with_prefill else (1, False))
         assert a.num_computed_tokens == 6 + (5 if with_prefill else 1) and len(a.output_token_ids) == (
@@ -130,8 +137,8 @@ def test_multi_step_decode_falls_back_to_one_step_when_pages_run_short():
     s = make(num_pages=3, page_size=4, budget=16, num_steps=4)  # 2 usable pages: 8 tokens of K/V
     a = add(s, "a", 5, max_tokens=10)
     step(s)  # prefill: both pages, one output token
-    assert [(sr.num_computed_tokens, sr.num_steps) for sr in step(s).scheduled] == [(5, 1)]  # 5 + 4 > 8
-    assert [(sr.num_computed_tokens, sr.num_steps) for sr in step(s).scheduled] == [(6, 1)]
+    assert rows(step(s), "starts", "steps") == [(5, 1)]  # 5 + 4 > 8
+    assert rows(step(s), "starts", "steps") == [(6, 1)]
     assert a.num_computed_tokens == 7 and len(s.pages.pages_of("a")) == 2 and s.num_preemptions == 0
 
 
@@ -149,7 +156,7 @@ def test_single_steps_while_a_row_needs_each_token_on_the_host_or_a_request_coul
     assert step(s).num_steps == 4
     s.finish(s.running[0], RequestStatus.FINISHED_ABORTED)
     out = step(s)  # room for "waiting": it is admitted now
-    assert out.num_steps == 1 and out.scheduled[-1].request.request_id == "waiting"
+    assert out.num_steps == 1 and out.requests[-1].request_id == "waiting"
 
 
 def test_forked_request_computes_the_prompt_once_and_children_join_after_the_fork_step():
@@ -160,7 +167,8 @@ def test_forked_request_computes_the_prompt_once_and_children_join_after_the_for
     out = step(s)  # the last chunk samples: b and c fork from it, sampling in rows 1 and 2
     assert plan(out) == [("a-0", 8, 2)]
     assert [(f.row, f.child) for f in out.forks] == [(0, b), (0, c)]
-    assert out.sampling_plan() == [(0, a, 1), (1, b, 1), (2, c, 1)]
+    sampler_rows, reqs, steps = out.sampling_plan()
+    assert (sampler_rows.tolist(), reqs, steps.tolist()) == ([0, 1, 2], [a, b, c], [1, 1, 1])
     assert s.running == [a, b, c] and s.num_reserved == 0
     assert s.pages.pages_of("a-1") == s.pages.pages_of("a-0") == [1, 2, 3]
     assert (b.num_computed_tokens, b.num_pending, b.output_token_ids) == (10, 0, [7])
@@ -250,8 +258,9 @@ def _lagged_step(s, in_flight):
     """An async-scheduling step: plans the next step, then the previous one's sampled ids (token 7) arrive."""
     out = s.schedule()
     if in_flight is not None:
-        step_ids = {id(req): [7] * n for _, req, n in in_flight.sampling_plan()}
-        for req in [sr.request for sr in in_flight.scheduled] + [f.child for f in in_flight.forks]:
+        _, reqs, steps = in_flight.sampling_plan()
+        step_ids = {id(req): [7] * n for req, n in zip(reqs, steps.tolist())}
+        for req in in_flight.requests + [f.child for f in in_flight.forks]:
             if id(req) in step_ids and not req.finished:
                 req.append_outputs(step_ids.pop(id(req)))
                 if len(req.output_token_ids) >= req.sampling_params.max_tokens:
@@ -284,9 +293,8 @@ def test_steady_decode_plans_what_the_general_pass_plans(ops):
                 flights[id(s)] = _lagged_step(s, flights[id(s)])
         a, b = flights[id(fast)], flights[id(slow)]
         if op == "step":
-            assert [(sr.request.request_id, sr.num_computed_tokens, sr.num_new_tokens, sr.num_steps)
-                    for sr in a.scheduled] == [(sr.request.request_id, sr.num_computed_tokens, sr.num_new_tokens,
-                                                sr.num_steps) for sr in b.scheduled]
+            fields = ("id", "starts", "counts", "samples", "steps", "num_pages")
+            assert rows(a, *fields) == rows(b, *fields)
             assert (a.num_steps, len(a.preempted), a.copies) == (b.num_steps, len(b.preempted), b.copies)
         assert fast.pages.req_pages == slow.pages.req_pages
         assert [(r.num_computed_tokens, r.num_pending, r.output_token_ids, r.status) for r in reqs[id(fast)]] == [
@@ -302,12 +310,12 @@ def test_steady_decode_is_taken_for_an_unchanged_running_list():
     a, b = add(s, "a", 5, max_tokens=20), add(s, "b", 3, max_tokens=6)
     flight = _lagged_step(s, None)  # prefills
     flight = _lagged_step(s, flight)  # the first decode: the arrays are built from the running list
-    assert s.steady.valid and [(sr.num_computed_tokens, sr.num_steps) for sr in flight.scheduled] == [(5, 4), (3, 4)]
+    assert s.steady.valid and rows(flight, "starts", "steps") == [(5, 4), (3, 4)]
     flight = _lagged_step(s, flight)  # planned over the arrays: b has 1 token left to plan (6 - 1 - 4)
-    assert s.steady.valid and [(sr.num_computed_tokens, sr.num_steps) for sr in flight.scheduled] == [(9, 4), (7, 1)]
+    assert s.steady.valid and rows(flight, "starts", "steps") == [(9, 4), (7, 1)]
     assert (a.num_pending, b.num_pending) == (4, 1) and len(s.pages.pages_of("a")) == 4  # after step 2's ids
     flight = _lagged_step(s, flight)  # b's pending token reaches max_tokens: a alone; then b's last id arrives
-    assert [sr.request.request_id for sr in flight.scheduled] == ["a"] and b.finished and not s.steady.valid
+    assert [r.request_id for r in flight.requests] == ["a"] and b.finished and not s.steady.valid
     _lagged_step(s, flight)  # rebuilt from the running list without b
     assert s.steady.valid and len(s.running) == 1
     s.pages.check_invariants()
