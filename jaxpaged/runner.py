@@ -36,7 +36,7 @@ from jaxpaged.models import LoadedModel
 from jaxpaged.models.sharding import pool_sharding, replicated
 from jaxpaged.prompt_logprobs import PromptChunk, prompt_chunks, prompt_targets
 from jaxpaged.request import Request
-from jaxpaged.sampler import SamplerFlags, SamplerOutput
+from jaxpaged.sampler import SamplerFlags, SamplerOutput, without_logprobs
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
 from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
@@ -60,16 +60,30 @@ class StepHandle:
     # a multi-step with prefills: the scheduled rows that decoded on, and their [K, R, ...] outputs
     decode_rows: list[int] = dataclasses.field(default_factory=list)
     decode_out: SamplerOutput | None = None
+    logprobs: bool = True  # a row asked for logprobs; else only the sampled ids are copied to the host
+
+    def start_copies(self) -> None:
+        """Starts the copies of what `result` and `prompt_result` read to the host."""
+        for out in (self.out, self.decode_out):
+            if out is not None:
+                for leaf in (jax.tree.leaves(out) if self.logprobs else [out.token_ids]):
+                    leaf.copy_to_host_async()
+        for leaf in jax.tree.leaves(self.prompt_out):
+            leaf.copy_to_host_async()
 
     def result(self) -> list[SamplerOutput]:
         """Each sub-step's sampled ids and logprobs as NumPy arrays, rows in scheduling order (one sub-step unless
         the step is a multi-step decode; waits for the device)."""
-        out = jax.device_get(self.out)
+        out = self._host(self.out)
         if self.decode_out is not None:  # the forward pass's sub-step, then the decode rows' K more
             rows, num_rows = np.asarray(self.decode_rows), out.token_ids.shape[0]
             return [out] + [jax.tree.map(functools.partial(_at_rows, rows, num_rows), d)
-                            for d in split_steps(jax.device_get(self.decode_out))]
+                            for d in split_steps(self._host(self.decode_out))]
         return split_steps(out) if self.sched.num_steps > 1 else [out]
+
+    def _host(self, out: SamplerOutput) -> SamplerOutput:
+        """`out` on the host; without logprobs its ids alone cross (the device's other fields are zeros)."""
+        return jax.device_get(out) if self.logprobs else without_logprobs(np.asarray(out.token_ids))
 
     def prompt_result(self) -> SamplerOutput | None:
         """The prompt logprobs as NumPy arrays (None when no row asked for them)."""
@@ -326,7 +340,9 @@ class ModelRunner:
         self._copy_pages(sched.copies)
         updates = self._table_updates(self.batch.page_updates(sched, slots, pages_of))
         if sched.num_steps > 1 and not sched.with_prefill:
-            return self._launch_decode(sched, slots, self.buckets.num_seqs(len(sched.requests)), updates)
+            handle = self._launch_decode(sched, slots, self.buckets.num_seqs(len(sched.requests)), updates)
+            handle.start_copies()
+            return handle
         num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.requests) + len(sched.forks))
         self.padding.record(sched.num_tokens, num_tokens, len(sched.requests), num_seqs)
         lay = self.batch.layout(sched, slots, num_tokens, num_seqs)
@@ -345,10 +361,11 @@ class ModelRunner:
         flags = self.sampling.flags(lay.row_slots)
         sampler = self._program(self._stand_in(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1])))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        handle = StepHandle(sched, out, chunks, prompt_out)
+        handle = StepHandle(sched, out, chunks, prompt_out, logprobs=flags.logprobs)
         if sched.with_prefill:
             handle.decode_rows, handle.decode_out = self._launch_decode_rows(sched, slots)
-        return _handle(handle)
+        handle.start_copies()
+        return handle
 
     def _launch_decode_rows(self, sched: SchedulerOutput, slots: np.ndarray) -> tuple[list[int], SamplerOutput]:
         """The multi-step decode after a forward pass with prefills: each decode row (`steps` > 1) runs its other
@@ -392,12 +409,12 @@ class ModelRunner:
         self.padding.record(sub_steps, num_seqs * sched.num_steps, sub_steps, num_seqs * sched.num_steps)
         seq_ints = np.concatenate([lay.cu_q_lens, lay.kv_lens, lay.slots, steps, np.array([lay.num_seqs], np.int32)])
         floats, ints = self._sampling_inputs(lay)
-        program = self._program(self._stand_in(("decode", num_seqs, sched.num_steps,
-                                                self.sampling.flags(lay.row_slots))))
+        flags = self.sampling.flags(lay.row_slots)
+        program = self._program(self._stand_in(("decode", num_seqs, sched.num_steps, flags)))
         self.kv_caches, self.page_tables, self.slot_tokens, out = program(
             self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, lay.token_ids, seq_ints, floats,
             ints, updates)
-        return _handle(StepHandle(sched, out))
+        return StepHandle(sched, out, logprobs=flags.logprobs)
 
     def _sampling_inputs(self, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """The sampler's floats [6, S] and ints [5, S]: the rows' parameters, then the slot each id is stored in."""
@@ -452,13 +469,6 @@ class ModelRunner:
                 banned = pad_rows([_banned(r, int(lay.positions[i])) for i, r in enumerate(requests)], num_seqs,
                                   BANNED_MIN)
         return penalty, banned
-
-
-def _handle(handle: StepHandle) -> StepHandle:
-    """Starts the copies of the step's results to the host."""
-    for leaf in jax.tree.leaves((handle.out, handle.prompt_out)):  # `decode_out`'s start in `_launch_decode`
-        leaf.copy_to_host_async()
-    return handle
 
 
 def _at_rows(rows: np.ndarray, num_rows: int, x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_LOGPROBS = 20  # top-k logprobs always computed; vLLM's default max_logprobs is 20
 _EPS = 1e-5
@@ -77,12 +78,17 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> Sample
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], jnp.float32))(keys)
         sampled = argmax_rows(scaled + gumbel)
         token_ids = jnp.where(t.temperature < _EPS, token_ids, sampled)
-    num_rows = logits.shape[0]
     if not flags.logprobs:
-        empty = jnp.zeros((num_rows, 0), jnp.int32)
-        return SamplerOutput(token_ids, jnp.zeros(num_rows, jnp.float32), jnp.zeros(num_rows, jnp.int32), empty,
-                             empty.astype(jnp.float32))
+        return without_logprobs(token_ids, jnp)
     return token_logprobs(raw, token_ids)
+
+
+def without_logprobs(token_ids, xp=np) -> SamplerOutput:
+    """The output of sampled `token_ids` [..., S] without logprobs: the logprob fields zeros (`xp`: jnp on the
+    device, np on the host)."""
+    shape = token_ids.shape
+    return SamplerOutput(token_ids, xp.zeros(shape, xp.float32), xp.zeros(shape, xp.int32),
+                         xp.zeros((*shape, 0), xp.int32), xp.zeros((*shape, 0), xp.float32))
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
