@@ -87,10 +87,9 @@ class OutputProcessor:
                   for _ in children]
         group = RequestGroup(request_id, prompt, prompt_token_ids, params, children, detoks)
         self.groups[request_id] = group
-        room = self.max_model_len - len(prompt_token_ids)
         for i, child in enumerate(children):
             child.group, child.index, child.detokenizer = group, i, detoks[i]
-            child.max_outputs = min(child.max_outputs, room)
+            child.cap_outputs(self.max_model_len)
         return group
 
     def process(self, sched: SchedulerOutput, outs: list[SamplerOutput], on_tokens, on_finish,

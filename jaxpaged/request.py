@@ -63,7 +63,7 @@ class Request:
     forks: list["Request"] = dataclasses.field(default_factory=list)  # siblings to fork once the prompt is computed
     host_sync: bool = False  # each token must reach the host before the next step (penalties, beam search)
     stop_ids: frozenset[int] = dataclasses.field(init=False, default=frozenset())  # stop ids, EOS unless ignored
-    # outputs it may have (max_tokens; the output processor caps it at what max_model_len leaves)
+    # outputs it may have: max_tokens, capped by `cap_outputs` at what max_model_len leaves
     max_outputs: int = dataclasses.field(init=False, default=0)
     plain: bool = dataclasses.field(init=False, default=True)  # no stop strings or logprobs: no per-token look
 
@@ -73,6 +73,10 @@ class Request:
         self.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
         self.max_outputs = p.max_tokens if p.max_tokens is not None else 1 << 62
         self.plain = not p.stop and p.logprobs is None
+
+    def cap_outputs(self, max_model_len: int) -> None:
+        """Caps `max_outputs` at what `max_model_len` leaves after the prompt (idempotent)."""
+        self.max_outputs = min(self.max_outputs, max_model_len - len(self.prompt_token_ids))
 
     @property
     def num_prompt_tokens(self) -> int:

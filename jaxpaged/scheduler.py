@@ -48,9 +48,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_reserved = 0  # pending forks of running requests: sequence slots they will take
         self._forks: list[Fork] = []  # forks of the step being scheduled
-        self.steady = SteadyDecode(page_manager.page_size, max_model_len)
+        self.steady = SteadyDecode(page_manager.page_size)
 
     def add_request(self, req: Request) -> None:
+        """Queues `req` (and the children it forks) after the waiting ones."""
+        for r in (req, *req.forks):
+            r.cap_outputs(self.max_model_len)
         self.waiting.append(req)
 
     @property
@@ -78,7 +81,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple] = []  # SchedulerOutput.from_rows's rows
         preempted: list[Request] = []
-        running, max_len, allocate = self.running, self.max_model_len, self.pages.allocate
+        running, allocate = self.running, self.pages.allocate
         multi, with_prefill = counted or self._multi_step_count()
         decode_steps = multi + with_prefill  # the forward pass's token first, with prefills
         i = 0
@@ -87,19 +90,17 @@ class Scheduler:
             pending = req.num_pending
             num_outputs = len(req.output_token_ids) + pending
             num_tokens = len(req.prompt_token_ids) + num_outputs
-            max_tokens = req.sampling_params.max_tokens
-            if pending:  # its pending tokens may already reach a limit: wait for them (it then finishes)
-                if num_tokens >= max_len or (max_tokens is not None and num_outputs >= max_tokens):
-                    i += 1
-                    continue
+            room = req.max_outputs - num_outputs  # tokens it may still be planned (max_tokens, max_model_len)
+            if pending and room <= 0:  # its pending tokens reach a limit: wait for them (it then finishes)
+                i += 1
+                continue
             num_new = min(num_tokens - req.num_computed_tokens, budget)
             if num_new == 0:  # a beam waiting for the host to choose its next token
                 i += 1
                 continue
             steps = 1
             if multi > 1 and num_tokens - req.num_computed_tokens == 1:  # a decode: more tokens within the limits
-                steps = min(decode_steps, max_len - num_tokens,
-                            decode_steps if max_tokens is None else max_tokens - num_outputs)
+                steps = min(decode_steps, room)
             if not (steps > 1 and allocate(req, steps)):
                 steps = 1
                 if not allocate(req, num_new) and not self._preempt_for(req, num_new, preempted):

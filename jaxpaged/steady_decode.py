@@ -15,9 +15,8 @@ class SteadyDecode:
     or pages: the scheduler invalidates it whenever it takes any other path, and when a request leaves.
     """
 
-    def __init__(self, page_size: int, max_model_len: int):
+    def __init__(self, page_size: int):
         self.page_size = page_size
-        self.max_model_len = max_model_len
         self.valid = False
         self.computed = self.room = self.num_pages = np.zeros(0, np.int64)
         self.page_lists: list[list[int]] = []
@@ -28,18 +27,15 @@ class SteadyDecode:
     def build(self, running: list[Request], pages: PageManager) -> bool:
         """Reads each running request's state once; False (and stays invalid) when a request's next write goes
         into a shared page: its copy-on-write is the general pass's."""
-        size, max_len, refs = self.page_size, self.max_model_len, pages.ref_counts
+        size, refs = self.page_size, pages.ref_counts
         computed, room, page_lists = [], [], []
         for req in running:
             own = pages.pages_of(req.request_id)
             c = req.num_computed_tokens
             if c // size < len(own) and refs[own[c // size]] > 1:
                 return False
-            num_outputs = len(req.output_token_ids) + req.num_pending
-            left = max_len - len(req.prompt_token_ids) - num_outputs
-            max_tokens = req.sampling_params.max_tokens
             computed.append(c)
-            room.append(left if max_tokens is None else min(left, max_tokens - num_outputs))
+            room.append(req.max_outputs - len(req.output_token_ids) - req.num_pending)
             page_lists.append(own)
         self.computed = np.array(computed, np.int64)  # [R] tokens whose K/V are written or being written
         self.room = np.array(room, np.int64)  # [R] tokens each may still be planned (length limits, pending counted)
