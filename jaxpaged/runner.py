@@ -40,8 +40,7 @@ from jaxpaged.sampler import SamplerFlags, SamplerOutput, without_logprobs
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
 from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
-                                    pack_decode_inputs, prompt_logprobs_step, sample_step, split_steps,
-                                    update_tables)
+                                    prompt_logprobs_step, sample_step, split_steps, update_tables)
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +211,12 @@ class ModelRunner:
                         spec((5, num_seqs)), spec((num_seqs, penalty_width)), spec((num_seqs, banned_width)))
 
     def _lower_decode(self, num_seqs: int, num_steps: int, flags: SamplerFlags):
-        fn = self._jit(functools.partial(decode_steps, self.model, self.attn_impl, self.page_size, flags, num_steps,
-                                         num_seqs), (1, 2, 3), "prrr")
-        return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
-                        self._spec((16 * num_seqs + 2 + 3 * _UPDATE_CHUNK,)))
+        fn = self._jit(functools.partial(decode_steps, self.model, self.attn_impl, self.page_size, flags, num_steps),
+                       (1, 2, 3), "prrr")
+        spec = self._spec
+        return fn.lower(self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, spec((num_seqs,)),
+                        spec((4 * num_seqs + 2,)), spec((6, num_seqs), jnp.float32), spec((5, num_seqs)),
+                        spec((3, _UPDATE_CHUNK)))
 
     def _lower_prompt(self, num_tokens: int):
         hidden = self._spec((num_tokens, self.model.config.hidden_size), self.model.dtype)
@@ -411,8 +412,8 @@ class ModelRunner:
         flags = self.sampling.flags(lay.row_slots)
         program = self._program(self._stand_in(("decode", num_seqs, sched.num_steps, flags)))
         self.kv_caches, self.page_tables, self.slot_tokens, out = program(
-            self.model.params, self.kv_caches, self.page_tables, self.slot_tokens,
-            pack_decode_inputs(lay.token_ids, seq_ints, floats, ints, updates))
+            self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, lay.token_ids, seq_ints, floats,
+            ints, updates)
         return StepHandle(sched, out, logprobs=flags.logprobs)
 
     def _sampling_inputs(self, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpaged.kernels.reference import PAD_SLOT, token_layout
 from jaxpaged.models import AttentionMetadata, LoadedModel
@@ -68,36 +67,21 @@ def sample_step(model: LoadedModel, flags: SamplerFlags, params, slot_tokens, hi
     return slot_tokens.at[ints[4]].set(out.token_ids), out
 
 
-def pack_decode_inputs(token_ids, seq_ints, floats, ints, table_updates) -> np.ndarray:
-    """`decode_steps`'s host inputs as one int32 array [16S + 2 + 3U] (one host-to-device copy per step instead of
-    five): token_ids [S], seq_ints [4S + 2], floats [6, S] (float32, bit-cast), ints [5, S], table_updates [3, U]."""
-    return np.concatenate([token_ids, seq_ints, floats.view(np.int32).ravel(), ints.ravel(), table_updates.ravel()])
+def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: SamplerFlags, num_steps: int, params,
+                 kv_caches, page_tables, slot_tokens, token_ids, seq_ints, floats, ints, table_updates):
+    """Up to `num_steps` decode steps of S one-token sequences in one program (a `lax.scan`), each step's sampled
+    ids fed to the next on the device.
 
-
-def _unpack_decode_inputs(packed, num_seqs: int):
-    """`pack_decode_inputs`'s arrays back, on the device."""
-    s = num_seqs
-    ends = np.cumsum([s, 4 * s + 2, 6 * s, 5 * s])
-    token_ids, seq_ints, floats, ints, updates = jnp.split(packed, ends)
-    return (token_ids, seq_ints, jax.lax.bitcast_convert_type(floats, jnp.float32).reshape(6, s), ints.reshape(5, s),
-            updates.reshape(3, -1))
-
-
-def decode_steps(model: LoadedModel, attn_impl: str, page_size: int, flags: SamplerFlags, num_steps: int,
-                 num_seqs: int, params, kv_caches, page_tables, slot_tokens, packed):
-    """Up to `num_steps` decode steps of S = `num_seqs` one-token sequences in one program (a `lax.scan`), each
-    step's sampled ids fed to the next on the device.
-
-    `packed` (`pack_decode_inputs`) holds: token_ids [S] int32, each sequence's input token; seq_ints [4S + 2]:
-    cu_q_lens [S + 1], kv_lens [S] (after the first step's K/V), slots [S], steps [S] (sub-steps this sequence
-    runs: a sequence stops writing K/V after its own count, and its later samples are dropped by the host),
-    num_seqs [1]; floats / ints as in `sample_step`, positions for the first sub-step; table_updates as in
-    `forward_step`. Rows use neither penalties nor banned ids (the scheduler runs those in single steps). Returns
-    the pool, the page tables, `slot_tokens` with each sequence's last sampled id, and the sampler outputs stacked
-    [num_steps, S, ...]. Pool, page tables and slot_tokens (arguments 1 to 3) are donated.
+    token_ids [S] int32: each sequence's input token; seq_ints [4S + 2]: cu_q_lens [S + 1], kv_lens [S] (after
+    the first step's K/V), slots [S], steps [S] (sub-steps this sequence runs: a sequence stops writing K/V
+    after its own count, and its later samples are dropped by the host), num_seqs [1]. floats / ints as in
+    `sample_step`, positions for the first sub-step; table_updates as in `forward_step`. Rows use neither
+    penalties nor banned ids (the scheduler runs those in single steps). Returns the pool, the page tables,
+    `slot_tokens` with each sequence's last sampled id, and the sampler outputs stacked [num_steps, S, ...]. Pool,
+    page tables and slot_tokens (arguments 1 to 3) are donated.
     """
-    token_ids, seq_ints, floats, ints, table_updates = _unpack_decode_inputs(packed, num_seqs)
     page_tables = update_tables(page_tables, table_updates)
+    num_seqs = token_ids.shape[0]
     cu_q_lens, kv_lens0 = seq_ints[:num_seqs + 1], seq_ints[num_seqs + 1:2 * num_seqs + 1]
     slots, steps = seq_ints[2 * num_seqs + 1:3 * num_seqs + 1], seq_ints[3 * num_seqs + 1:4 * num_seqs + 1]
     n = seq_ints[4 * num_seqs + 1:]
