@@ -124,7 +124,7 @@ def test_sse_parser_holds_an_unfinished_event():
 
 
 def test_command_buffer_log_counts_launches_and_the_updates_logged_before_each():
-    log = ["CmdBufThunk dev=0 updated=3 stabilized=0 force=0 needs_update=1",
+    log = ["CmdBufThunk dev=0 updated=3 stabilized=0 force=1 needs_update=1",
            "Updated command buffer in 120 μs; num_commands=40",
            "Execute command buffer; num_executions=1",
            "Execute command buffer thunk as a regular thunk sequence because we detected active profiling session",
@@ -134,7 +134,7 @@ def test_command_buffer_log_counts_launches_and_the_updates_logged_before_each()
            "Updated command buffer in 80 μs; num_commands=7",
            "Execute command buffer on device #0; num_executions=1"]
     got = command_buffers.summarize(log)
-    assert (got["launches"], got["updates"], got["update_us"]) == (3, 2, 200)
+    assert (got["launches"], got["updates"], got["update_us"], got["forced"]) == (3, 2, 200, 1)
     assert got["moved_per_launch"] == {0: 1, 3: 1, 5: 1}
     assert command_buffers.summarize(log, last=1)["update_us"] == 80
 
@@ -300,8 +300,8 @@ class _TimelineEngine:
 
     def __init__(self):
         from types import SimpleNamespace as NS
-        self.launches = [NS(num_tokens=40, scheduled=[1, 2], num_steps=1), NS(num_tokens=2, scheduled=[1, 2],
-                         num_steps=1), NS(num_tokens=2, scheduled=[1, 2], num_steps=4), None]
+        self.launches = [NS(num_tokens=40, requests=[1, 2], num_steps=1), NS(num_tokens=2, requests=[1, 2],
+                         num_steps=1), NS(num_tokens=2, requests=[1, 2], num_steps=4), None]
         self._in_flight = None
 
     def has_unfinished_requests(self):
