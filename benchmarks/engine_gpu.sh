@@ -16,8 +16,9 @@
 # functions with most self time per step; decode-kN-bB[-host]-while: the same with XLA's while loops in CUDA graphs
 # too (--xla_gpu_enable_command_buffer=+WHILE: the multi-step decode's loop becomes one graph launch); -wp after
 # serve-ragged-1b-kN or ragged-kN: with --multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step
-# by step, where its wall time goes; cmdbuf-kN-bB: decode-kN-bB's warm-up under XLA's command-buffer VLOG, then
-# how many of the last $CMDBUF_LAST command-buffer launches re-recorded their graph, benchmarks/command_buffers.py)
+# by step, where its wall time goes; cmdbuf-kN-bB: decode-kN-bB under XLA's command-buffer VLOG, then how many
+# command-buffer launches re-recorded their graph, in all and per untraced step: benchmarks/command_buffers.py;
+# the log's last 600 command-buffer lines are kept in $OUT/cmdbuf-kN-bB.vlog.tail)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/benchmarks/device_setup.sh" >/dev/null
@@ -76,9 +77,10 @@ for s in "$@"; do
     cmdbuf-k*-b*) k=${s#cmdbuf-k}; log=$OUT/$s.vlog
       TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 timeout 300 python3 \
         "$root/benchmarks/step_profile.py" --num-prompts "${k#*-b}" --input-len 562 --output-len 512 \
-        --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" --warmup-steps 24 --profile-steps 2 \
-        2>"$log" >/dev/null
-      step "$s" 60 python3 "$root/benchmarks/command_buffers.py" "$log" --last "${CMDBUF_LAST:-2000}"; rm -f "$log" ;;
+        --max-model-len 2048 $SHAPE --num-scheduler-steps "${k%-b*}" --warmup-steps 24 --profile-steps 4 \
+        --mark-steps 2>"$log" >/dev/null
+      step "$s" 60 python3 "$root/benchmarks/command_buffers.py" "$log"
+      grep -a -i -e "command buffer" -e "step_profile:" "$log" | tail -n 600 >"$log.tail"; rm -f "$log" ;;
     hf) step hf 300 $T $FIXED --engine hf --hf-batch-size 256 --no-roofline ;;
     hf-compiled) step hf-compiled 420 $T $FIXED --engine hf-compiled --hf-batch-size 256 --no-roofline ;;
     ragged) step ragged 300 $T $RAGGED ;;

@@ -34,6 +34,8 @@ from throughput import (add_engine_args, add_workload_args, build_requests, engi
                         log_engine_info, model_config, sampling_params)
 from trace_busy import busy_summary, load_trace_events
 
+STEP_MARKER = "step_profile: untraced step"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = add_workload_args(add_engine_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host-profile-steps", type=int, default=0,
                    help="then run this many more steps under cProfile and report the functions with most self time")
     p.add_argument("--timeline", action="store_true", help="the whole workload untraced, step by step (no trace)")
+    p.add_argument("--mark-steps", action="store_true",
+                   help=f"write '{STEP_MARKER}' to stderr before each untraced step (benchmarks/command_buffers.py "
+                        "splits XLA's log there)")
     return finish_args(p.parse_args(argv))
 
 
@@ -98,15 +103,19 @@ def timed_dispatches(runner, seconds: dict[str, list[float]]):
         runner.executables.update(originals)
 
 
-def timed_steps(engine, num_steps: int, launched: list | None = None) -> tuple[list[float], list[float], float]:
+def timed_steps(engine, num_steps: int, launched: list | None = None,
+                mark: bool = False) -> tuple[list[float], list[float], float]:
     """Runs up to `num_steps` engine steps, each inside a "jaxpaged_step" trace annotation; returns each step's
     seconds, the seconds of each step spent waiting for the device, and the window's. `launched`, if given,
-    collects the SchedulerOutput each step launched (None for a step that launched nothing)."""
+    collects the SchedulerOutput each step launched (None for a step that launched nothing); `mark` writes
+    STEP_MARKER to stderr before each step."""
     import jax
 
     times, waits = [], []
     start = time.perf_counter()
     while len(times) < num_steps and engine.has_unfinished_requests():
+        if mark:
+            print(STEP_MARKER, file=sys.stderr, flush=True)
         step_waits = []
         with jax.profiler.TraceAnnotation("jaxpaged_step"), timed_waits(step_waits):
             t = time.perf_counter()
@@ -208,7 +217,7 @@ def main() -> None:
         engine.step()
     dispatches: dict[str, list[float]] = {}
     with timed_dispatches(engine.runner, dispatches):
-        untraced = timed_steps(engine, args.profile_steps)
+        untraced = timed_steps(engine, args.profile_steps, mark=args.mark_steps)
     times, waits, wall = profiled_steps(engine, args.profile_steps, trace_dir, args.python_tracer)
     if not times:
         raise SystemExit(f"all requests finished within --warmup-steps {args.warmup_steps} and --profile-steps "

@@ -123,20 +123,25 @@ def test_sse_parser_holds_an_unfinished_event():
     assert parser.feed(b"\n\n") == ["2"]
 
 
-def test_command_buffer_log_counts_launches_and_the_updates_logged_before_each():
-    log = ["CmdBufThunk dev=0 updated=3 stabilized=0 force=1 needs_update=1",
-           "Updated command buffer in 120 μs; num_commands=40",
+def test_command_buffer_log_counts_launches_and_updates_per_marked_step():
+    log = ["CmdBufThunk dev=0 updated=6 stabilized=0 force=0 needs_update=1",  # a warm-up launch, before any step
+           "Execute command buffer; num_executions=1",
+           step_profile.STEP_MARKER,
+           "CmdBufThunk dev=0 updated=3 stabilized=0 force=1 needs_update=1",
+           "Updated command buffer in 120 \u03bcs; num_commands=40",
            "Execute command buffer; num_executions=1",
            "Execute command buffer thunk as a regular thunk sequence because we detected active profiling session",
            "CmdBufThunk dev=0 updated=0 stabilized=0 force=0 needs_update=0",
            "Execute command buffer; num_executions=2",
+           step_profile.STEP_MARKER,
            "Update command buffer on device #0 by recoding command buffer cmd sequence; updated_allocs=5",
-           "Updated command buffer in 80 μs; num_commands=7",
+           "Updated command buffer in 80 \u03bcs; num_commands=7",
            "Execute command buffer on device #0; num_executions=1"]
     got = command_buffers.summarize(log)
-    assert (got["launches"], got["updates"], got["update_us"], got["forced"]) == (3, 2, 200, 1)
-    assert got["moved_per_launch"] == {0: 1, 3: 1, 5: 1}
-    assert command_buffers.summarize(log, last=1)["update_us"] == 80
+    assert (got["launches"], got["updates"], got["update_us"], got["forced"]) == (4, 2, 200, 1)
+    assert got["moved_per_launch"] == {0: 1, 3: 1, 5: 1, 6: 1}
+    assert got["steps"] == 2 and got["per_step"] == {"launches": 1.5, "updates": 1.0, "update_us": 100.0,
+                                                     "forced": 0.5}
 
 
 def test_union_length_counts_overlaps_once_and_clips():
