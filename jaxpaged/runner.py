@@ -60,15 +60,10 @@ class StepHandle:
     # a multi-step with prefills: the scheduled rows that decoded on, and their [K, R, ...] outputs
     decode_rows: list[int] = dataclasses.field(default_factory=list)
     decode_out: SamplerOutput | None = None
-    logprobs: bool = True  # a row asked for logprobs; else only the sampled ids are copied to the host
 
     def start_copies(self) -> None:
         """Starts the copies of what `result` and `prompt_result` read to the host."""
-        for out in (self.out, self.decode_out):
-            if out is not None:
-                for leaf in (jax.tree.leaves(out) if self.logprobs else [out.token_ids]):
-                    leaf.copy_to_host_async()
-        for leaf in jax.tree.leaves(self.prompt_out):
+        for leaf in jax.tree.leaves((self.out, self.decode_out, self.prompt_out)):
             leaf.copy_to_host_async()
 
     def result(self) -> list[SamplerOutput]:
@@ -81,9 +76,10 @@ class StepHandle:
                             for d in split_steps(self._host(self.decode_out))]
         return split_steps(out) if self.sched.num_steps > 1 else [out]
 
-    def _host(self, out: SamplerOutput) -> SamplerOutput:
-        """`out` on the host; without logprobs its ids alone cross (the device's other fields are zeros)."""
-        return jax.device_get(out) if self.logprobs else without_logprobs(np.asarray(out.token_ids))
+    @staticmethod
+    def _host(out: SamplerOutput) -> SamplerOutput:
+        """`out` on the host; a step without logprobs returned its ids alone."""
+        return jax.device_get(out) if out.logprobs is not None else without_logprobs(np.asarray(out.token_ids))
 
     def prompt_result(self) -> SamplerOutput | None:
         """The prompt logprobs as NumPy arrays (None when no row asked for them)."""
@@ -111,6 +107,7 @@ class ModelRunner:
         self._replicated, self._pool_sharding = replicated(model.mesh), pool_sharding(model.mesh)
         self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32, device=self._replicated)
         self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32, device=self._replicated)
+        self._copy_ahead = next(iter(self.slot_tokens.devices())).platform != "cpu"
         self.attn_impl = attn_impl
         self.executable_cache = executable_cache or ExecutableCache(None, "")
         self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1, 2), "prrr")
@@ -331,7 +328,17 @@ class ModelRunner:
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def launch(self, sched: SchedulerOutput, pages_of) -> StepHandle:
-        """Sends the step's inputs and launches it; returns at once (the sampled ids arrive later)."""
+        """Sends the step's inputs and launches it; returns at once (the sampled ids arrive later).
+
+        The copies of its results to the host start now, except on CPU: there the host reads the device buffers
+        in place, and a copy whose completion callback (it takes the GIL) runs while the interpreter finalizes
+        aborts the process."""
+        handle = self._launch(sched, pages_of)
+        if self._copy_ahead:
+            handle.start_copies()
+        return handle
+
+    def _launch(self, sched: SchedulerOutput, pages_of) -> StepHandle:
         slots = self.batch.slots(sched.requests)  # [R]
         for i in np.flatnonzero(slots < 0).tolist():  # admitted in this step
             slots[i] = self._add_request(sched.requests[i])
@@ -340,9 +347,7 @@ class ModelRunner:
         self._copy_pages(sched.copies)
         updates = self._table_updates(self.batch.page_updates(sched, slots, pages_of))
         if sched.num_steps > 1 and not sched.with_prefill:
-            handle = self._launch_decode(sched, slots, self.buckets.num_seqs(len(sched.requests)), updates)
-            handle.start_copies()
-            return handle
+            return self._launch_decode(sched, slots, self.buckets.num_seqs(len(sched.requests)), updates)
         num_tokens, num_seqs = self._forward_shape(sched.num_tokens, len(sched.requests) + len(sched.forks))
         self.padding.record(sched.num_tokens, num_tokens, len(sched.requests), num_seqs)
         lay = self.batch.layout(sched, slots, num_tokens, num_seqs)
@@ -361,10 +366,9 @@ class ModelRunner:
         flags = self.sampling.flags(lay.row_slots)
         sampler = self._program(self._stand_in(("sample", num_seqs, flags, penalty.shape[1], banned.shape[1])))
         self.slot_tokens, out = sampler(self.model.params, self.slot_tokens, hidden, floats, ints, penalty, banned)
-        handle = StepHandle(sched, out, chunks, prompt_out, logprobs=flags.logprobs)
+        handle = StepHandle(sched, out, chunks, prompt_out)
         if sched.with_prefill:
             handle.decode_rows, handle.decode_out = self._launch_decode_rows(sched, slots)
-        handle.start_copies()
         return handle
 
     def _launch_decode_rows(self, sched: SchedulerOutput, slots: np.ndarray) -> tuple[list[int], SamplerOutput]:
@@ -414,7 +418,7 @@ class ModelRunner:
         self.kv_caches, self.page_tables, self.slot_tokens, out = program(
             self.model.params, self.kv_caches, self.page_tables, self.slot_tokens, lay.token_ids, seq_ints, floats,
             ints, updates)
-        return StepHandle(sched, out, logprobs=flags.logprobs)
+        return StepHandle(sched, out)
 
     def _sampling_inputs(self, lay: StepLayout) -> tuple[np.ndarray, np.ndarray]:
         """The sampler's floats [6, S] and ints [5, S]: the rows' parameters, then the slot each id is stored in."""

@@ -56,15 +56,18 @@ class SamplerFlags:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerOutput:
-    token_ids: jax.Array    # [S] int32
-    logprobs: jax.Array     # [S] f32  raw logprob of the sampled token
-    ranks: jax.Array        # [S] int32  1 = most likely under the raw distribution
-    top_ids: jax.Array      # [S, MAX_LOGPROBS] int32 ([S, 0] without flags.logprobs)
-    top_logprobs: jax.Array # [S, MAX_LOGPROBS] f32 ([S, 0] without flags.logprobs)
+    """Sampled ids and their logprobs. A device program without flags.logprobs returns the ids alone (the other
+    fields None: no output buffers for them); `without_logprobs` fills them on the host."""
+
+    token_ids: jax.Array                   # [S] int32
+    logprobs: jax.Array | None = None      # [S] f32  raw logprob of the sampled token
+    ranks: jax.Array | None = None         # [S] int32  1 = most likely under the raw distribution
+    top_ids: jax.Array | None = None       # [S, MAX_LOGPROBS] int32 ([S, 0] from `without_logprobs`)
+    top_logprobs: jax.Array | None = None  # [S, MAX_LOGPROBS] f32 ([S, 0] from `without_logprobs`)
 
 
 def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
-    """Samples one token per row of `logits` [S, V] (float32); logprob fields are zeros unless flags.logprobs."""
+    """Samples one token per row of `logits` [S, V] (float32); the logprob fields are None unless flags.logprobs."""
     raw = logits
     if t.penalty_tokens.shape[1] > 1:
         logits = _apply_penalties(logits, t)
@@ -78,17 +81,14 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> Sample
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], jnp.float32))(keys)
         sampled = argmax_rows(scaled + gumbel)
         token_ids = jnp.where(t.temperature < _EPS, token_ids, sampled)
-    if not flags.logprobs:
-        return without_logprobs(token_ids, jnp)
-    return token_logprobs(raw, token_ids)
+    return token_logprobs(raw, token_ids) if flags.logprobs else SamplerOutput(token_ids)
 
 
-def without_logprobs(token_ids, xp=np) -> SamplerOutput:
-    """The output of sampled `token_ids` [..., S] without logprobs: the logprob fields zeros (`xp`: jnp on the
-    device, np on the host)."""
+def without_logprobs(token_ids: np.ndarray) -> SamplerOutput:
+    """The host output of sampled `token_ids` [..., S] from a step without logprobs: the logprob fields zeros."""
     shape = token_ids.shape
-    return SamplerOutput(token_ids, xp.zeros(shape, xp.float32), xp.zeros(shape, xp.int32),
-                         xp.zeros((*shape, 0), xp.int32), xp.zeros((*shape, 0), xp.float32))
+    return SamplerOutput(token_ids, np.zeros(shape, np.float32), np.zeros(shape, np.int32),
+                         np.zeros((*shape, 0), np.int32), np.zeros((*shape, 0), np.float32))
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:

@@ -110,7 +110,9 @@ def test_minimal_flags_sample_the_same_tokens_as_all_work_enabled():
             row(temperature=0.5, seed=5, top_p=0.8), row(banned_tokens=[int(np.argmax(logits[4]))]),
             row(temperature=1.0, seed=6, min_p=0.2)]
     everything = run(logits, rows, SamplerFlags(True, True, True)).token_ids
-    assert run(logits, rows).token_ids.tolist() == everything.tolist()
+    minimal = run(logits, rows)
+    assert minimal.token_ids.tolist() == everything.tolist()
+    assert (minimal.logprobs, minimal.top_ids) == (None, None)  # no logprob outputs: the host fills zeros
     greedy_rows = [rows[0], rows[4]]
     assert (run(logits[[0, 4]], greedy_rows).token_ids.tolist()
             == run(logits[[0, 4]], greedy_rows, SamplerFlags(True, True, True)).token_ids.tolist())
