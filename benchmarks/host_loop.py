@@ -6,9 +6,9 @@ multi-step decode, timed on the CPU.
 The real `Scheduler`, `PageManager` (prefix caching on), `InputBatch` and `OutputProcessor` (no tokenizer, as the
 GPU benchmarks' dummy models) run the engine's loop with async scheduling: each step is scheduled, laid out, and the
 previous step's sampled ids (random, drawn up front) are processed. No program runs, so what is timed is the
-per-request Python the device step has to hide (issue 11's host-work target). Reported per multi-step (steps
-with prefills are left out), the best of `--repeats` runs of the whole workload: the figures of one machine are
-comparable with each other only.
+per-request Python the device step has to hide (issue 11's host-work target). Reported per decode step of
+`--num-scheduler-steps` tokens (steps with prefills, and single steps of a multi-step run, are left out), the best
+of `--repeats` runs of the whole workload: the figures of one machine are comparable with each other only.
 """
 
 import argparse
@@ -48,7 +48,8 @@ def _sampled(num_steps: int, num_rows: int, rng) -> list[SamplerOutput]:
 
 
 def run_once(args) -> tuple[dict[str, float], int]:
-    """Seconds per phase summed over the workload's multi-steps, and how many there were."""
+    """Seconds per phase summed over the workload's decode steps of `num_scheduler_steps`, and how many there
+    were."""
     n, max_len = args.num_requests, args.input_len + args.output_len
     pages = PageManager(n * -(-max_len // args.page_size) + 1, args.page_size, True)
     scheduler = Scheduler(pages, n, args.max_num_batched_tokens, max_len, args.num_scheduler_steps)
@@ -65,7 +66,7 @@ def run_once(args) -> tuple[dict[str, float], int]:
         scheduler.finish(req, status)
         batch.remove(req.request_id)
 
-    seconds, multi_steps, in_flight = dict.fromkeys(PHASES, 0.0), 0, None
+    seconds, decode_steps, in_flight = dict.fromkeys(PHASES, 0.0), 0, None
     while scheduler.num_unfinished or in_flight:
         t0 = time.perf_counter()
         sched = scheduler.schedule()
@@ -81,11 +82,11 @@ def run_once(args) -> tuple[dict[str, float], int]:
             outputs.process(*in_flight, batch.append_tokens, finish)
         t3 = time.perf_counter()
         in_flight = (sched, _sampled(sched.num_steps, n, rng)) if sched.requests else None
-        if sched.num_steps > 1:
+        if sched.num_steps == args.num_scheduler_steps and sched.requests and sched.num_tokens == len(sched.requests):
             for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
                 seconds[phase] += dt
-            multi_steps += 1
-    return seconds, multi_steps
+            decode_steps += 1
+    return seconds, decode_steps
 
 
 def main(argv=None) -> dict:
@@ -93,8 +94,8 @@ def main(argv=None) -> dict:
     runs = [run_once(args) for _ in range(args.repeats)]
     steps = runs[0][1]
     best = {p: min(r[0][p] for r in runs) * 1e3 / max(steps, 1) for p in PHASES}
-    record = {"part": "host_loop", "multi_steps": steps, "ms_per_multi_step": best,
-              "host_ms_per_multi_step": sum(best.values()), "us_per_request_and_step":
+    record = {"part": "host_loop", "decode_steps": steps, "ms_per_decode_step": best,
+              "host_ms_per_decode_step": sum(best.values()), "us_per_request_and_step":
               sum(best.values()) * 1e3 / args.num_requests, "args": vars(args)}
     emit(record, "host_loop")
     return record

@@ -25,8 +25,9 @@ class Scheduler:
     and each decode's next token share a forward pass, after which the decodes run up to `num_scheduler_steps`
     more tokens, so that arrivals do not cut every running request down to one token per step.
 
-    A multi-step decode of the same running list as the previous step (nothing admitted, finished or preempted
-    in between) is planned over arrays kept between steps (`SteadyDecode`), not per request; the plans are the same.
+    A decode of the same running list as the previous step (nothing admitted, finished or preempted in between;
+    every request decoding with no host look between its tokens), single or multi-step, is planned over arrays kept
+    between steps (`SteadyDecode`), not per request; the plans are the same.
 
     A request with `forks` (the other children of an `n > 1` request) computes the prompt alone; the step that
     samples its first token forks them (`Fork`): they share its pages and join the running list after that step.
@@ -71,7 +72,7 @@ class Scheduler:
             steady, k = self.steady, self.num_scheduler_steps
             if not steady.valid:
                 counted = self._multi_step_count()
-                if counted == (k, False):
+                if counted == (k, False) and (k > 1 or self._running_needs() == (False, False)):
                     steady.build(self.running, self.pages)
             planned = steady.schedule(self.running, k, self.pages) if steady.valid else None
             if planned is not None:
@@ -119,12 +120,14 @@ class Scheduler:
                                          copies=self.pages.take_copies(), with_prefill=with_prefill)
 
     def _steady_may_apply(self) -> bool:
-        """Whether this step may be a multi-step decode planned over `SteadyDecode`'s arrays: no request can be
-        admitted and multi-steps may run (the arrays then hold the running list's state, built in `schedule` when
-        every running request decodes and may take multi-steps, or kept from the previous step)."""
+        """Whether this step may be a decode planned over `SteadyDecode`'s arrays: no request can be admitted
+        and, with `num_scheduler_steps` > 1, multi-steps may run (the arrays then hold the running list's state,
+        built in `schedule` when every running request decodes with no host look between its tokens, or kept from
+        the previous step)."""
         running = self.running
-        return (self.num_scheduler_steps > 1 and bool(running) and len(running) <= self.max_num_batched_tokens
-                and not (self.waiting and len(running) < self.max_num_seqs) and self.multi_step_ready())
+        return (bool(running) and len(running) <= self.max_num_batched_tokens
+                and not (self.waiting and len(running) < self.max_num_seqs)
+                and (self.num_scheduler_steps == 1 or self.multi_step_ready()))
 
     def _multi_step_count(self) -> tuple[int, bool]:
         """(`num_scheduler_steps`, whether prefills may share the step) when this step can be a multi-step
@@ -134,17 +137,24 @@ class Scheduler:
         prefilling = bool(self.waiting) and len(self.running) < self.max_num_seqs  # an admission may come
         if prefilling and not self.multi_step_with_prefill:
             return 1, False
+        needs_host, prefill = self._running_needs()
+        if needs_host or (prefill and not self.multi_step_with_prefill):
+            return 1, False
+        return self.num_scheduler_steps, prefilling or prefill
+
+    def _running_needs(self) -> tuple[bool, bool]:
+        """(whether a running request needs the host between its tokens: beams, penalties, forks or min_tokens
+        ahead; whether a running request's prefill is still in progress)."""
+        prefill = False
         for req in self.running:
             # NOTE: a request with forks ahead samples its first token here and forks after that token: in a
             # multi-step decode its own later sub-steps would be counted as its children's computed tokens.
             if (req.host_sync or req.forks
                     or req.sampling_params.min_tokens > len(req.output_token_ids) + req.num_pending):
-                return 1, False
-            if req.num_computed_tokens != req.num_tokens - 1:  # a prefill in progress
-                if not self.multi_step_with_prefill:
-                    return 1, False
-                prefilling = True
-        return self.num_scheduler_steps, prefilling
+                return True, False
+            if req.num_computed_tokens != req.num_tokens - 1:
+                prefill = True
+        return False, prefill
 
     def _preempt_for(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
         """Preempts the most recently admitted running requests until `req` gets its pages; False if `req`

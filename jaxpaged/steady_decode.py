@@ -1,5 +1,6 @@
-"""The steady multi-step decode's scheduling over arrays: the running requests' planning state kept between steps,
-so that a step in which every running request decodes again is planned by NumPy, not per request."""
+"""The steady decode's scheduling over arrays: the running requests' planning state kept between steps, so that a
+step in which every running request decodes again (one token or a multi-step) is planned by NumPy, not per
+request."""
 
 import numpy as np
 
@@ -9,7 +10,7 @@ from jaxpaged.scheduler_output import SchedulerOutput
 
 
 class SteadyDecode:
-    """Plans multi-step decodes of an unchanged running list from arrays built once from its requests.
+    """Plans decodes (single or multi-step) of an unchanged running list from arrays built once from its requests.
 
     NOTE: valid only while nothing but `schedule` changes the running requests' computed tokens, pending tokens
     or pages: the scheduler invalidates it whenever it takes any other path, and when a request leaves.

@@ -293,10 +293,19 @@ def test_host_loop_runs_the_steady_decode_of_a_small_workload(capsys):
     record = host_loop.main(["--num-requests", "4", "--input-len", "20", "--output-len", "24",
                              "--num-scheduler-steps", "4", "--page-size", "4", "--max-num-batched-tokens", "64",
                              "--repeats", "2"])
-    assert record["multi_steps"] == 6
-    assert set(record["ms_per_multi_step"]) == {"schedule", "layout", "process"}
-    assert record["host_ms_per_multi_step"] == pytest.approx(sum(record["ms_per_multi_step"].values()))
+    assert record["decode_steps"] == 6
+    assert set(record["ms_per_decode_step"]) == {"schedule", "layout", "process"}
+    assert record["host_ms_per_decode_step"] == pytest.approx(sum(record["ms_per_decode_step"].values()))
     assert '"part": "host_loop"' in capsys.readouterr().out
+
+
+def test_host_loop_times_single_decode_steps_without_multi_steps():
+    """The same workload in single steps: the first prefills 3 requests and 4 tokens of the last, the second
+    prefills the rest beside 3 decodes; the last request's 24th token comes in step 25: 23 decode-only steps."""
+    record = host_loop.main(["--num-requests", "4", "--input-len", "20", "--output-len", "24",
+                             "--num-scheduler-steps", "1", "--page-size", "4", "--max-num-batched-tokens", "64",
+                             "--repeats", "1"])
+    assert record["decode_steps"] == 23
 
 
 class _TimelineEngine:

@@ -1,5 +1,6 @@
 """Scheduler behaviour without a model: budgets, chunked prefill, preemption order and resumption."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,14 +269,16 @@ def _lagged_step(s, in_flight):
     return out
 
 
+@pytest.mark.parametrize("num_steps", [1, 4])
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["add", "fork", "abort", "step", "step", "step"]), st.integers(1, 30),
                           st.integers(1, 20)), max_size=60))
-def test_steady_decode_plans_what_the_general_pass_plans(ops):
-    """The array-planned steady decode gives the same rows, sub-steps, pages and request state as the general
-    pass, under async scheduling's pending tokens, finishes, aborts, forks and page shortage."""
-    fast = make(num_pages=14, page_size=4, max_seqs=4, budget=16, num_steps=4)
-    slow = make(num_pages=14, page_size=4, max_seqs=4, budget=16, num_steps=4)
+def test_steady_decode_plans_what_the_general_pass_plans(num_steps, ops):
+    """The array-planned steady decode (single or multi-step) gives the same rows, sub-steps, pages and request
+    state as the general pass, under async scheduling's pending tokens, finishes, aborts, forks and page
+    shortage."""
+    fast = make(num_pages=14, page_size=4, max_seqs=4, budget=16, num_steps=num_steps)
+    slow = make(num_pages=14, page_size=4, max_seqs=4, budget=16, num_steps=num_steps)
     slow.steady.build = lambda running, pages: False
     reqs = {id(fast): [], id(slow): []}
     flights = {id(fast): None, id(slow): None}
@@ -318,4 +321,23 @@ def test_steady_decode_is_taken_for_an_unchanged_running_list():
     assert [r.request_id for r in flight.requests] == ["a"] and b.finished and not s.steady.valid
     _lagged_step(s, flight)  # rebuilt from the running list without b
     assert s.steady.valid and len(s.running) == 1
+    s.pages.check_invariants()
+
+
+def test_single_step_decodes_are_planned_over_the_arrays_unless_a_request_needs_the_host():
+    s = make(num_pages=64, page_size=4, max_seqs=3, budget=16, num_steps=1)
+    a, b = add(s, "a", 5, max_tokens=20), add(s, "b", 3, max_tokens=3)
+    flight = _lagged_step(s, None)  # prefills: general pass
+    assert not s.steady.valid
+    flight = _lagged_step(s, flight)  # every running request decodes: the arrays are built and plan it
+    assert s.steady.valid and rows(flight, "starts", "steps") == [(5, 1), (3, 1)]
+    flight = _lagged_step(s, flight)
+    assert s.steady.valid and rows(flight, "starts", "steps") == [(6, 1), (4, 1)] and flight.num_steps == 1
+    flight = _lagged_step(s, flight)  # b's pending token reaches max_tokens: a alone; then b finishes
+    assert [r.request_id for r in flight.requests] == ["a"] and b.finished and not s.steady.valid
+    c = Request("c", list(range(4)), SamplingParams(max_tokens=8, repetition_penalty=1.2))
+    s.add_request(c)
+    for _ in range(4):  # c's prefill, then decodes beside a request whose penalties need the host: general pass
+        flight = _lagged_step(s, flight)
+        assert not s.steady.valid
     s.pages.check_invariants()
