@@ -71,8 +71,9 @@ class Scheduler:
         if self._steady_may_apply():
             steady, k = self.steady, self.num_scheduler_steps
             if not steady.valid:
-                counted = self._multi_step_count()
-                if counted == (k, False) and (k > 1 or self._running_needs() == (False, False)):
+                counted = self._multi_step_count()  # kept for the general pass below
+                # single steps: `counted` is (1, False) without a look at the requests, so they are checked here
+                if (counted == (k, False)) if k > 1 else (self._running_needs() == (False, False)):
                     steady.build(self.running, self.pages)
             planned = steady.schedule(self.running, k, self.pages) if steady.valid else None
             if planned is not None:
