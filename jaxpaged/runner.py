@@ -29,6 +29,7 @@ from jaxpaged.background_compile import BackgroundCompiler, background_order, in
 from jaxpaged.buckets import Buckets
 from jaxpaged.compile_memory import CompileMemory, autotune_bytes
 from jaxpaged.executable_cache import ExecutableCache
+from jaxpaged.first_runs import RUN_ONCE_PLATFORMS, run_once
 from jaxpaged.input_batch import ArrivedTokens, InputBatch, StepLayout
 from jaxpaged.kv_pool import device_unused_bytes
 from jaxpaged.metrics import PaddingStats
@@ -107,7 +108,8 @@ class ModelRunner:
         self._replicated, self._pool_sharding = replicated(model.mesh), pool_sharding(model.mesh)
         self.page_tables = jnp.zeros((num_slots + 1, self.max_pages_per_seq), jnp.int32, device=self._replicated)
         self.slot_tokens = jnp.zeros(num_slots + 1, jnp.int32, device=self._replicated)
-        self._copy_ahead = next(iter(self.slot_tokens.devices())).platform != "cpu"
+        self._platform = next(iter(self.slot_tokens.devices())).platform
+        self._copy_ahead = self._platform != "cpu"
         self.attn_impl = attn_impl
         self.executable_cache = executable_cache or ExecutableCache(None, "")
         self.forward_fn = self._jit(functools.partial(forward_step, model, attn_impl, page_size), (1, 2), "prrr")
@@ -269,6 +271,8 @@ class ModelRunner:
         now = [k for k in keys if not background or in_ready_set(k, self.buckets.first_token_sizes)]
         later = sorted((k for k in keys if k not in now), key=background_order)
         self._compile_all(now, "Compiling step programs")
+        if self._platform in RUN_ONCE_PLATFORMS:
+            self._run_each_once()
         if later:
             self.multi_step_ready.clear()
             first = [k for k in later if background_order(k) == 0]
@@ -288,6 +292,16 @@ class ModelRunner:
         unused = self._gpu_unused_bytes()
         if unused is not None:
             logger.info("Device memory left to JAX after compiling: %.2f GiB.", unused / 2**30)
+
+    def _run_each_once(self) -> None:
+        """Runs every compiled program once before the first request (`first_runs`: a GPU program's first run
+        records its CUDA graphs), so that no step of a workload pays for it."""
+        start = time.perf_counter()
+        for key in sorted(self.executables, key=repr):  # one order in every process of a group (collectives)
+            run_once(self, key, self.executables[key])
+        jax.block_until_ready((self.kv_caches, self.page_tables, self.slot_tokens))
+        logger.info("Ran each of %d step programs once in %.1f s.", len(self.executables),
+                    time.perf_counter() - start)
 
     def wait_for_background(self) -> None:
         """Blocks until the programs `warm_up(background=True)` left to background threads are compiled."""
@@ -380,9 +394,8 @@ class ModelRunner:
         decodes = SchedulerOutput([sched.requests[i] for i in rows.tolist()], sched.starts[rows] + 1, ones,
                                   ones.astype(bool), sched.steps[rows] - 1, sched.num_pages[rows],
                                   num_steps=sched.num_steps)
-        no_updates = self._table_updates(np.zeros((3, 0), np.int32))  # the forward pass applied this step's entries
         return rows.tolist(), self._launch_decode(decodes, slots[rows], self.buckets.num_seqs(len(rows)),
-                                                  no_updates).out
+                                                  self.no_table_updates()).out  # the forward pass applied them
 
     def _forward_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """The step's bucket, or while forward programs compile in the background, the smallest compiled one that
@@ -428,12 +441,20 @@ class ModelRunner:
     def _copy_pages(self, copies) -> None:
         """Launches the step's copy-on-writes (before its forward pass, in device order)."""
         for at in range(0, len(copies), _COPY_CHUNK):
-            chunk = np.zeros((2, _COPY_CHUNK), np.int32)
-            chunk[1] = self.kv_caches[0][0].shape[0]  # out of range: dropped
-            part = copies[at:at + _COPY_CHUNK]
-            chunk[0, :len(part)] = [c.src for c in part]
-            chunk[1, :len(part)] = [c.dst for c in part]
-            self.kv_caches = self._program(("copy",))(self.kv_caches, chunk)
+            self.kv_caches = self._program(("copy",))(self.kv_caches, self.copy_chunk(copies[at:at + _COPY_CHUNK]))
+
+    def copy_chunk(self, part) -> np.ndarray:
+        """The copy program's [2, _COPY_CHUNK] (src, dst) pages of up to _COPY_CHUNK `PageCopy`s; padding has its
+        dst out of range (dropped)."""
+        chunk = np.zeros((2, _COPY_CHUNK), np.int32)
+        chunk[1] = self.kv_caches[0][0].shape[0]
+        chunk[0, :len(part)] = [c.src for c in part]
+        chunk[1, :len(part)] = [c.dst for c in part]
+        return chunk
+
+    def no_table_updates(self) -> np.ndarray:
+        """A step program's page-table chunk without entries (padding only: `_table_updates`)."""
+        return self._table_updates(np.zeros((3, 0), np.int32))
 
     def _table_updates(self, updates: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         """The step program's chunk [3, _UPDATE_CHUNK] of page-table entries (slots, columns, page ids; padding

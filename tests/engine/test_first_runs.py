@@ -1,0 +1,54 @@
+"""Every step program run once at warm-up (on a GPU its first run records its CUDA graphs): each program once, and
+nothing a request reads changes. The embedded SmolLM2-135M-Instruct (fp32, CPU, the runs forced on), against HF
+transformers' greedy tokens."""
+
+import numpy as np
+
+from jaxpaged import LLM, SamplingParams
+from jaxpaged import runner as runner_module
+from jaxpaged.page_manager import NULL_PAGE
+from tests.engine.hf_greedy import assert_greedy_matches_hf, needs_fixture
+from tests.engine.test_background_compile import ENGINE_KW  # the same programs: the executable cache has them
+
+pytestmark = needs_fixture
+
+PROMPTS = [{"prompt_token_ids": list(range(300 + 40 * i, 337 + 40 * i))} for i in range(3)]
+
+
+def _state(runner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool [layers, 2, pages, ...], page tables, slot_tokens) on the host."""
+    pool = np.stack([np.stack([np.asarray(k), np.asarray(v)]) for k, v in runner.kv_caches])
+    return pool, np.asarray(runner.page_tables), np.asarray(runner.slot_tokens)
+
+
+def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(monkeypatch):
+    ran = []
+
+    def recorded(runner, key, program):
+        ran.append(key)
+        real_run_once(runner, key, program)
+
+    real_run_once = runner_module.run_once
+    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(runner_module, "run_once", recorded)
+    llm = LLM(**ENGINE_KW)
+    runner = llm.llm_engine.runner
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    first = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    assert ran == []  # programs compiled on first use are not run beside the requests
+    pool, tables, slot_tokens = _state(runner)
+
+    llm.llm_engine.warm_up()
+
+    assert len(ran) == len(set(ran)) == len(runner.executables) == 17
+    assert set(ran) == set(runner.executables)
+    assert {k[0] for k in ran} == {"forward", "sample", "decode", "update", "copy"}
+    pool_after, tables_after, slot_tokens_after = _state(runner)
+    changed = np.flatnonzero((pool_after != pool).any(axis=tuple(i for i in range(pool.ndim) if i != 2)))
+    assert changed.tolist() == [NULL_PAGE]  # the runs' one token per program wrote K/V there, nowhere else
+    np.testing.assert_array_equal(tables_after, tables)
+    pad = runner.batch.pad_slot
+    np.testing.assert_array_equal(slot_tokens_after[:pad], slot_tokens[:pad])
+    # the same prompts again read their cached pages (prefix caching), then decode
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)] == first
+    assert_greedy_matches_hf(llm)
