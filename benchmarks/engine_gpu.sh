@@ -15,7 +15,8 @@
 # program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
 # functions with most self time per step; decode-kN-bB[-host]-while: the same with XLA's while loops in CUDA graphs
 # too (--xla_gpu_enable_command_buffer=+WHILE: the multi-step decode's loop becomes one graph launch); -wp after
-# serve-ragged-1b-kN or ragged-kN: with --multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step
+# ragged-kN: with --multi-step-with-prefill (the servers' default); -nowp after serve-ragged-1b-kN: the server with
+# --no-multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step
 # by step, where its wall time goes; cmdbuf-kN-bB: decode-kN-bB under XLA's command-buffer VLOG, then how many
 # command-buffer launches re-recorded their graph, in all and per untraced step: benchmarks/command_buffers.py;
 # the log's last 600 command-buffer lines are kept in $OUT/cmdbuf-kN-bB.vlog.tail)
@@ -63,7 +64,7 @@ for s in "$@"; do
       --num-scheduler-steps $k --uvicorn-log-level warning" --num-prompts 200 --request-rate 64 \
       --random-input-len 512 --random-output-len 128 --ready-timeout 200 --timed-server ;;
     serve-ragged-1b-k*) k=${s#serve-ragged-1b-k}; wp=
-      [ "${k%-wp}" != "$k" ] && wp=--multi-step-with-prefill && k=${k%-wp}
+      [ "${k%-nowp}" != "$k" ] && wp=--no-multi-step-with-prefill && k=${k%-nowp}
       step "$s" 420 python3 "$root/benchmarks/serving.py" --launch "--model llama-3.2-1b \
       --load-format dummy --dtype bfloat16 --max-model-len 2048 $SHAPE --num-scheduler-steps $k $wp \
       --compile-all-before-ready --uvicorn-log-level warning" --dataset nano-vllm --num-prompts 512 \

@@ -38,8 +38,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode sub-steps per scheduling pass when every request decodes (vLLM v0's multi-step)")
-    p.add_argument("--multi-step-with-prefill", action="store_true",
-                   help="steps with prefills are multi-step too: decodes go on after the shared forward pass")
+    p.add_argument("--multi-step-with-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --num-scheduler-steps > 1, steps with prefills are multi-step too: decodes go on "
+                        "after the shared forward pass (default on for the server: arrivals no longer cut running "
+                        "requests to one token per step; EngineArgs' default, for offline runs, is off)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host, jax.distributed)")

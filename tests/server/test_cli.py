@@ -25,6 +25,15 @@ def test_serve_flags_map_to_engine_args():
     assert args.api_key == "k" and args.port == 8000 and args.host == "127.0.0.1"
 
 
+def test_server_multi_steps_with_prefill_by_default_unlike_offline_engine_args():
+    import argparse
+
+    parse = add_serve_args(argparse.ArgumentParser()).parse_args
+    assert engine_args_from(parse([])).multi_step_with_prefill is True
+    assert engine_args_from(parse(["--no-multi-step-with-prefill"])).multi_step_with_prefill is False
+    assert EngineArgs().multi_step_with_prefill is False
+
+
 def test_python_m_jaxpaged_server_logs_url_and_serves():
     port = free_port()
     cmd = [sys.executable, "-m", "jaxpaged.server", "--port", str(port), "--served-model-name", "tiny",
