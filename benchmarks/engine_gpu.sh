@@ -15,7 +15,7 @@
 # program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
 # functions with most self time per step; decode-kN-bB[-host]-while: the same with XLA's while loops in CUDA graphs
 # too (--xla_gpu_enable_command_buffer=+WHILE: the multi-step decode's loop becomes one graph launch); -wp after
-# ragged-kN: with --multi-step-with-prefill (the servers' default); -nowp after serve-ragged-1b-kN: the server with
+# 1b-kN or ragged-kN: with --multi-step-with-prefill (the servers' default); -nowp after serve-ragged-1b-kN: the server with
 # --no-multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step
 # by step, where its wall time goes; cmdbuf-kN-bB: decode-kN-bB under XLA's command-buffer VLOG, then how many
 # command-buffer launches re-recorded their graph, in all and per untraced step: benchmarks/command_buffers.py;
@@ -48,6 +48,8 @@ for s in "$@"; do
     1b-k*-warm) k=${s#1b-k}; step "$s" 240 $T $FIXED --num-scheduler-steps "${k%-warm}" --no-roofline ;;
     1b-k*-unfused) k=${s#1b-k}; step "$s" 240 python3 "$root/benchmarks/unfused.py" $FIXED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;
+    1b-k*-wp) k=${s#1b-k}; step "$s" 240 $T $FIXED --num-scheduler-steps "${k%-wp}" --multi-step-with-prefill \
+      --no-roofline ;;
     1b-k*) step "$s" 240 $T $FIXED --num-scheduler-steps "${s#1b-k}" --no-roofline ;;
     ragged-k*-unfused) k=${s#ragged-k}; step "$s" 300 python3 "$root/benchmarks/unfused.py" $RAGGED \
       --num-scheduler-steps "${k%-unfused}" --no-roofline ;;

@@ -33,6 +33,8 @@ class EngineArgs:
     fell from 2.94 to 2.20 ms and its maximum throughput rose 1.22x, while offline `generate` over 256 prompts
     queued together took 1.18x as long (the requests prefilled first finish first, leaving a long tail of small
     decode batches). So it is off here and on by default in `jaxpaged serve` (`--no-multi-step-with-prefill`).
+    Since then, steps stay single while a burst's prefills exceed one step's token budget (`Scheduler`), which
+    should remove that cost; not yet measured on a GPU.
     `coordinator_address` / `num_processes` / `process_id` join a `jax.distributed` group of several processes
     (hosts), whose devices the model then spans (`jaxpaged.distributed`); None reads JAX's environment variables.
     """

@@ -23,7 +23,8 @@ class Scheduler:
     token on the host before the next, so their presence keeps steps single. With `multi_step_with_prefill`, a
     step that also admits or continues prefills is one too (`SchedulerOutput.with_prefill`): the prefill chunks
     and each decode's next token share a forward pass, after which the decodes run up to `num_scheduler_steps`
-    more tokens, so that arrivals do not cut every running request down to one token per step.
+    more tokens, so that arrivals do not cut every running request down to one token per step; while a burst's
+    prefills exceed one step's token budget, its steps stay single (`_prefills_fit`).
 
     A decode of the same running list as the previous step (nothing admitted, finished or preempted in between;
     every request decoding with no host look between its tokens), single or multi-step, is planned over arrays kept
@@ -141,7 +142,31 @@ class Scheduler:
         needs_host, prefill = self._running_needs()
         if needs_host or (prefill and not self.multi_step_with_prefill):
             return 1, False
+        if (prefilling or prefill) and not self._prefills_fit():
+            return 1, False
         return self.num_scheduler_steps, prefilling or prefill
+
+    def _prefills_fit(self) -> bool:
+        """Whether one step's token budget holds the running requests' rest and the prompts of the waiting
+        requests that the free sequence slots and pages could admit. If not, a burst of prefills is under way and
+        its steps stay single: decoding on through a burst lets the requests prefilled first finish first,
+        leaving a tail of small decode batches (a queued burst ran 1.18x as long with every prefill step a
+        multi-step, benchmarks/RESULTS.md, 2026-12-07 sixth session). Prefix-cache hits are not counted: they
+        are only looked up on admission."""
+        budget = self.max_num_batched_tokens
+        for req in self.running:
+            budget -= req.num_tokens - req.num_computed_tokens
+        free, pages, page_size = self.max_num_seqs - len(self.running) - self.num_reserved, \
+            self.pages.num_free_pages, self.pages.page_size
+        for req in self.waiting:
+            if budget < 0 or free <= 0:
+                break
+            pages -= -(-min(req.num_tokens, budget) // page_size)  # its first chunk's pages
+            if pages < 0:  # the pool cannot take it yet
+                break
+            budget -= req.num_tokens
+            free -= 1 + len(req.forks)
+        return budget >= 0
 
     def _running_needs(self) -> tuple[bool, bool]:
         """(whether a running request needs the host between its tokens: beams, penalties, forks or min_tokens

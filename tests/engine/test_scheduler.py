@@ -134,6 +134,34 @@ def test_multi_step_with_prefill_decodes_on_past_an_arrival_and_plans_the_forwar
         s.pages.check_invariants()
 
 
+def test_multi_step_with_prefill_keeps_single_steps_while_a_burst_exceeds_the_token_budget():
+    s = make(num_pages=64, page_size=4, max_seqs=4, budget=16, num_steps=4)
+    s.multi_step_with_prefill = True
+    add(s, "a", 6, max_tokens=20)
+    step(s)  # a's prompt; it samples its first token
+    add(s, "b", 12, max_tokens=20, base=100)
+    add(s, "c", 12, max_tokens=20, base=200)  # a's 1 + 24 prompt tokens: more than one step's 16
+    out = step(s)
+    assert rows(out, "id", "counts", "steps") == [("a", 1, 1), ("b", 12, 1), ("c", 3, 1)]
+    assert (out.num_steps, out.with_prefill) == (1, False)
+    out = step(s)  # the burst's rest fits: 2 decodes + c's 9
+    assert rows(out, "id", "counts", "steps") == [("a", 1, 5), ("b", 1, 5), ("c", 9, 1)]
+    assert (out.num_steps, out.with_prefill) == (4, True)
+    s.pages.check_invariants()
+
+
+def test_multi_step_with_prefill_decodes_on_while_the_waiting_prompts_do_not_fit_in_the_pool():
+    s = make(num_pages=6, page_size=4, max_seqs=4, budget=16, num_steps=4)  # 5 usable pages
+    s.multi_step_with_prefill = True
+    a = add(s, "a", 6, max_tokens=20)
+    step(s)  # a holds 2 pages
+    add(s, "b", 40, max_tokens=4, base=100)  # its first chunk, 15 tokens, needs 4 pages: 3 are free
+    out = step(s)
+    assert rows(out, "id", "counts", "steps") == [("a", 1, 5)] and out.num_steps == 4
+    assert len(s.waiting) == 1 and a.num_computed_tokens == 11
+    s.pages.check_invariants()
+
+
 def test_multi_step_decode_falls_back_to_one_step_when_pages_run_short():
     s = make(num_pages=3, page_size=4, budget=16, num_steps=4)  # 2 usable pages: 8 tokens of K/V
     a = add(s, "a", 5, max_tokens=10)
