@@ -109,6 +109,29 @@ def test_sizes_that_do_not_fit_are_rejected(eight_heads, tp, message):
 
 
 @pytest.mark.slow
+def test_first_runs_at_warm_up_leave_tp_2_tokens_equal_to_tp_1(monkeypatch):
+    """A GPU warm-up's run of every program once (`jaxpaged.first_runs`, forced on here) over a sharded pool:
+    multi-step decodes and all, the tokens after it are tp=1's."""
+    from jaxpaged import runner as runner_module
+
+    ran, real_run_once = [], runner_module.run_once
+    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(runner_module, "run_once", lambda runner, key, program: (
+        ran.append(key), real_run_once(runner, key, program)))
+    folder = os.path.join(FIXTURES, "llama2_mha_untied")
+    runs = []
+    for tp in (1, 2):
+        ran.clear()
+        llm = LLM(folder, tensor_parallel_size=tp, num_scheduler_steps=4, **KW)
+        llm.llm_engine.warm_up()
+        assert len(ran) == len(set(ran)) and set(ran) == set(llm.llm_engine.runner.executables)
+        assert any(k[0] == "decode" for k in ran)  # the multi-step decodes too
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS, use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) == len(PROMPTS)
+
+
+@pytest.mark.slow
 def test_llama_70b_tp8_step_holds_an_eighth_of_weights_and_pool_per_device():
     """Compile only (nothing of 70B is allocated): the forward step's per-device arguments are 1/8 of the weights
     it reads (all but the LM head) plus 1/8 of the pool (64 query / 8 KV heads: one KV head per device)."""
