@@ -308,6 +308,18 @@ def test_host_loop_times_single_decode_steps_without_multi_steps():
     assert record["decode_steps"] == 23
 
 
+def test_host_loop_reports_the_schedule_with_and_without_multi_steps_over_prefills():
+    """8 prompts of 20 tokens, 64-token steps: the first two steps prefill 125 of the 160 prompt tokens (a burst: single
+    steps either way); the third holds the rest and 6 decodes, a multi-step with prefill only with the flag; then six
+    4-token decodes of 8 rows (8-row bucket) each."""
+    flags = ["--num-requests", "8", "--input-len", "20", "--output-len", "24", "--num-scheduler-steps", "4",
+             "--page-size", "4", "--max-num-batched-tokens", "64", "--repeats", "1"]
+    assert host_loop.main(flags)["schedule"] == {
+        "single_steps": 3, "multi_steps": 6, "multi_steps_with_prefill": 0, "multi_step_rows": 6 * 4 * 8}
+    assert host_loop.main(flags + ["--multi-step-with-prefill"])["schedule"] == {
+        "single_steps": 2, "multi_steps": 6, "multi_steps_with_prefill": 1, "multi_step_rows": 7 * 4 * 8}
+
+
 class _TimelineEngine:
     """Launches a prefill step, a one-token decode of 2 rows, a 4-token multi-step, then nothing (the last step
     only collects)."""
