@@ -156,12 +156,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         for req in self.running:
             budget -= req.num_tokens - req.num_computed_tokens
-        free, pages, page_size = self.max_num_seqs - len(self.running) - self.num_reserved, \
-            self.pages.num_free_pages, self.pages.page_size
+        free = self.max_num_seqs - len(self.running) - self.num_reserved  # sequence slots
+        pages = self.pages.num_free_pages
         for req in self.waiting:
             if budget < 0 or free <= 0:
                 break
-            pages -= -(-min(req.num_tokens, budget) // page_size)  # its first chunk's pages
+            pages -= -(-min(req.num_tokens, budget) // self.pages.page_size)  # its first chunk's pages
             if pages < 0:  # the pool cannot take it yet
                 break
             budget -= req.num_tokens
