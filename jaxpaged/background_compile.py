@@ -109,6 +109,11 @@ class BackgroundCompiler:
                 logger.info("Background compilation done: all step programs compiled %.1f s after ready.",
                             time.perf_counter() - self._start)
 
+    @property
+    def done(self) -> bool:
+        """Whether every program was compiled (or failed)."""
+        return self._left == 0
+
     def join(self) -> None:
         for t in self._threads:
             t.join()

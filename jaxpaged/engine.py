@@ -154,6 +154,12 @@ class LLMEngine:
         """
         self.runner.warm_up(self.args.num_scheduler_steps, background=background and jax.process_count() == 1)
 
+    def run_idle_work(self) -> float | None:
+        """Work for an engine with nothing unfinished (the server calls it between requests): on a GPU, the first
+        run of one program the background compile finished (`ModelRunner.idle_first_run`). Returns when to call
+        again: 0 (more may be left), a wait in seconds, or None (nothing left)."""
+        return None if self.has_unfinished_requests() else self.runner.idle_first_run()
+
     def _resolve_max_model_len(self, requested: int | None, model_max: int) -> int:
         if requested is None:
             return model_max

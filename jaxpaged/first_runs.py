@@ -3,7 +3,8 @@
 On a GPU, XLA records a program's command buffers (CUDA graphs) and loads its kernels when the program first runs:
 tens of milliseconds of host time. Paid inside a run it leaves the device idle: on an H100 the first 8-token decode
 of a run took 43 ms of host time instead of ~1.5 ms (RESULTS.md). vLLM captures its CUDA graphs at start-up for the
-same reason. Elsewhere (CPU, TPU) XLA records no command buffers and nothing runs here.
+same reason. Programs compiled in the background afterwards run once while the server is idle
+(`ModelRunner.idle_first_run`). Elsewhere (CPU, TPU) XLA records no command buffers and nothing runs here.
 
 The inputs are one sequence of one token in the padding slot: its K/V go to position 0 of the null page (whose
 contents no request reads: padding points there and real rows are masked by their lengths), its sampled id to the

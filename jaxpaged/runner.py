@@ -122,6 +122,7 @@ class ModelRunner:
         self.multi_step_ready = threading.Event()  # cleared while multi-step decodes compile in the background
         self.multi_step_ready.set()
         self._background: BackgroundCompiler | None = None
+        self._ran: set[tuple] = set()  # programs run once at warm-up, when idle, or compiled on first use in a step
         self.padding = PaddingStats()
 
     # ---- memory and compilation -----------------------------------------------------------------------------
@@ -299,9 +300,25 @@ class ModelRunner:
         start = time.perf_counter()
         for key in sorted(self.executables, key=repr):  # one order in every process of a group (collectives)
             run_once(self, key, self.executables[key])
+            self._ran.add(key)
         jax.block_until_ready((self.kv_caches, self.page_tables, self.slot_tokens))
         logger.info("Ran each of %d step programs once in %.1f s.", len(self.executables),
                     time.perf_counter() - start)
+
+    def idle_first_run(self) -> float | None:
+        """For an idle engine (no step in flight), on a GPU: runs once one program that the background compile
+        finished and no step has run yet (`first_runs`), so that its first run's host time (~25-40 ms: XLA records
+        its CUDA graphs) falls between requests instead of into a step. Returns when to call again: 0 after a run,
+        0.5 s while the background compile goes on, None when there is nothing left to run (and off GPU, or in a
+        group of processes, which must run the same programs in the same order)."""
+        if self._platform not in RUN_ONCE_PLATFORMS or jax.process_count() > 1:
+            return None
+        key = next((k for k in list(self.executables) if k not in self._ran), None)  # list(): compile threads add
+        if key is not None:
+            run_once(self, key, self.executables[key])
+            self._ran.add(key)
+            return 0.0
+        return 0.5 if self._background is not None and not self._background.done else None
 
     def wait_for_background(self) -> None:
         """Blocks until the programs `warm_up(background=True)` left to background threads are compiled."""
@@ -313,6 +330,7 @@ class ModelRunner:
         if program is None:
             logger.info("Compiling a step program on first use: %s", key)
             program = self.executables[key] = self._compile(key)[1]
+            self._ran.add(key)  # by the step about to run it
         return program
 
     # ---- requests in the persistent batch --------------------------------------------------------------------

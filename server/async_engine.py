@@ -173,7 +173,7 @@ class AsyncLLMEngine:
         finally:
             self.ready.set()
         logger.info("Engine ready: %s, max_model_len=%d", self.engine.model_name, self.engine.max_model_len)
-        while self._apply_commands(block=not self.engine.has_unfinished_requests()):
+        while self._apply_commands(0.0 if self.engine.has_unfinished_requests() else self.engine.run_idle_work()):
             if self.engine.has_unfinished_requests():
                 self._step()
             self._metrics = self.engine.get_metrics()
@@ -188,9 +188,15 @@ class AsyncLLMEngine:
             return
         self._deliver([(out.request_id, out, out.finished) for out in outputs])
 
-    def _apply_commands(self, block: bool) -> bool:
-        """Applies queued add/abort commands (waiting for one if `block`); False on shutdown."""
-        commands = [self._inbox.get()] if block else []
+    def _apply_commands(self, timeout: float | None) -> bool:
+        """Applies queued add/abort commands, waiting up to `timeout` seconds for one (None: until one comes, 0:
+        not at all); False on shutdown."""
+        commands = []
+        if timeout != 0:
+            try:
+                commands.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                pass
         while True:
             try:
                 commands.append(self._inbox.get_nowait())

@@ -52,3 +52,34 @@ def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(monk
     # the same prompts again read their cached pages (prefix caching), then decode
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)] == first
     assert_greedy_matches_hf(llm)
+
+
+def test_an_idle_engine_runs_the_background_compiled_programs_once_each(monkeypatch):
+    ran = []
+
+    def recorded(runner, key, program):
+        ran.append(key)
+        real_run_once(runner, key, program)
+
+    real_run_once = runner_module.run_once
+    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(runner_module, "run_once", recorded)
+    llm = LLM(**ENGINE_KW)
+    engine, runner = llm.llm_engine, llm.llm_engine.runner
+    engine.warm_up(background=True)
+    ready = set(ran)
+    assert ready == set(runner.executables) and len(ran) == len(ready)  # the ready set ran before warm_up returned
+    runner.wait_for_background()
+    later = set(runner.executables) - ready
+    assert later and {k[0] for k in later} >= {"forward", "decode"}
+    engine.add_request("busy", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2))
+    assert engine.run_idle_work() is None and len(ran) == len(ready)  # never beside a request
+    while engine.has_unfinished_requests():
+        engine.step()
+    waits = []
+    while (wait := engine.run_idle_work()) is not None:
+        waits.append(wait)
+    assert waits == [0.0] * len(later) and set(ran[len(ready):]) == later and len(ran) == len(set(ran))
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    assert len({tuple(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy, use_tqdm=False)}) == 3
+    assert_greedy_matches_hf(llm)

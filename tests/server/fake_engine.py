@@ -78,6 +78,9 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def run_idle_work(self) -> None:
+        return None
+
     def step(self) -> list[RequestOutput]:
         if not self.requests:
             self.idle_steps += 1

@@ -78,3 +78,32 @@ def test_shutdown_fails_requests_still_running():
 
     assert engine.ready.wait(30)
     asyncio.run(main())
+
+
+def test_idle_work_runs_until_done_between_requests_and_never_beside_one():
+    import threading
+
+    class Idle(FakeEngine):
+        """Three pieces of idle work (waits 0, 0.01, 0), then none; records whether a request was unfinished."""
+
+        def __init__(self):
+            super().__init__(step_seconds=0.0)
+            self.waits, self.calls, self.done = [0.0, 0.01, 0.0], [], threading.Event()
+
+        def run_idle_work(self):
+            self.calls.append(self.has_unfinished_requests())
+            if not self.waits:
+                self.done.set()
+                return None
+            return self.waits.pop(0)
+
+    fake = Idle()
+    engine = AsyncLLMEngine(EngineArgs(), engine_factory=lambda args: fake)
+    engine.start()
+    try:
+        assert engine.ready.wait(30) and fake.done.wait(30)
+        assert fake.calls == [False] * 4  # three runs, then nothing left: the loop waits for a request
+        outs = asyncio.run(collect(engine, "x", "r1"))
+        assert outs[-1].outputs[0].text == "abc" and not any(fake.calls)
+    finally:
+        engine.shutdown()
