@@ -3,6 +3,7 @@ nothing a request reads changes. The embedded SmolLM2-135M-Instruct (fp32, CPU, 
 transformers' greedy tokens."""
 
 import numpy as np
+import pytest
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged import runner as runner_module
@@ -15,22 +16,27 @@ pytestmark = needs_fixture
 PROMPTS = [{"prompt_token_ids": list(range(300 + 40 * i, 337 + 40 * i))} for i in range(3)]
 
 
+@pytest.fixture
+def ran(monkeypatch) -> list[tuple]:
+    """The keys of the programs `run_once` ran, in order; the runs forced on (as on a GPU)."""
+    keys, real_run_once = [], runner_module.run_once
+
+    def recorded(runner, key, program):
+        keys.append(key)
+        real_run_once(runner, key, program)
+
+    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(runner_module, "run_once", recorded)
+    return keys
+
+
 def _state(runner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool [layers, 2, pages, ...], page tables, slot_tokens) on the host."""
     pool = np.stack([np.stack([np.asarray(k), np.asarray(v)]) for k, v in runner.kv_caches])
     return pool, np.asarray(runner.page_tables), np.asarray(runner.slot_tokens)
 
 
-def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(monkeypatch):
-    ran = []
-
-    def recorded(runner, key, program):
-        ran.append(key)
-        real_run_once(runner, key, program)
-
-    real_run_once = runner_module.run_once
-    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
-    monkeypatch.setattr(runner_module, "run_once", recorded)
+def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(ran):
     llm = LLM(**ENGINE_KW)
     runner = llm.llm_engine.runner
     greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
@@ -54,16 +60,7 @@ def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(monk
     assert_greedy_matches_hf(llm)
 
 
-def test_an_idle_engine_runs_the_background_compiled_programs_once_each(monkeypatch):
-    ran = []
-
-    def recorded(runner, key, program):
-        ran.append(key)
-        real_run_once(runner, key, program)
-
-    real_run_once = runner_module.run_once
-    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
-    monkeypatch.setattr(runner_module, "run_once", recorded)
+def test_an_idle_engine_runs_the_background_compiled_programs_once_each(ran):
     llm = LLM(**ENGINE_KW)
     engine, runner = llm.llm_engine, llm.llm_engine.runner
     engine.warm_up(background=True)
