@@ -15,9 +15,9 @@
 # program's dispatch timed too) then 10 under it; decode-kN-bB-host: then 8 more steps under cProfile, the
 # functions with most self time per step; decode-kN-bB[-host]-while: the same with XLA's while loops in CUDA graphs
 # too (--xla_gpu_enable_command_buffer=+WHILE: the multi-step decode's loop becomes one graph launch); -wp after
-# 1b-kN or ragged-kN: with --multi-step-with-prefill (the servers' default); -nowp after serve-ragged-1b-kN: the server with
-# --no-multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step
-# by step, where its wall time goes; cmdbuf-kN-bB: decode-kN-bB under XLA's command-buffer VLOG, then how many
+# 1b-kN or ragged-kN: with --multi-step-with-prefill (the servers' default); -nowp after serve-ragged-1b-kN: the
+# server with --no-multi-step-with-prefill; timeline-kN: the 1b-kN workload untraced, step by step, where its wall
+# time goes; cmdbuf-kN-bB: decode-kN-bB under XLA's command-buffer VLOG, then how many
 # command-buffer launches re-recorded their graph, in all and per untraced step: benchmarks/command_buffers.py;
 # the log's last 600 command-buffer lines are kept in $OUT/cmdbuf-kN-bB.vlog.tail)
 set -uo pipefail

@@ -17,3 +17,19 @@ def eight_heads(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("eight_heads") / "config.json"
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+@pytest.fixture
+def ran(monkeypatch) -> list[tuple]:
+    """The keys of the programs `run_once` ran, in order; the first runs forced on (as on a GPU)."""
+    from jaxpaged import runner as runner_module
+
+    keys, real_run_once = [], runner_module.run_once
+
+    def recorded(runner, key, program):
+        keys.append(key)
+        real_run_once(runner, key, program)
+
+    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(runner_module, "run_once", recorded)
+    return keys

@@ -3,10 +3,8 @@ nothing a request reads changes. The embedded SmolLM2-135M-Instruct (fp32, CPU, 
 transformers' greedy tokens."""
 
 import numpy as np
-import pytest
 
 from jaxpaged import LLM, SamplingParams
-from jaxpaged import runner as runner_module
 from jaxpaged.page_manager import NULL_PAGE
 from tests.engine.hf_greedy import assert_greedy_matches_hf, needs_fixture
 from tests.engine.test_background_compile import ENGINE_KW  # the same programs: the executable cache has them
@@ -14,20 +12,6 @@ from tests.engine.test_background_compile import ENGINE_KW  # the same programs:
 pytestmark = needs_fixture
 
 PROMPTS = [{"prompt_token_ids": list(range(300 + 40 * i, 337 + 40 * i))} for i in range(3)]
-
-
-@pytest.fixture
-def ran(monkeypatch) -> list[tuple]:
-    """The keys of the programs `run_once` ran, in order; the runs forced on (as on a GPU)."""
-    keys, real_run_once = [], runner_module.run_once
-
-    def recorded(runner, key, program):
-        keys.append(key)
-        real_run_once(runner, key, program)
-
-    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
-    monkeypatch.setattr(runner_module, "run_once", recorded)
-    return keys
 
 
 def _state(runner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -109,15 +109,9 @@ def test_sizes_that_do_not_fit_are_rejected(eight_heads, tp, message):
 
 
 @pytest.mark.slow
-def test_first_runs_at_warm_up_leave_tp_2_tokens_equal_to_tp_1(monkeypatch):
+def test_first_runs_at_warm_up_leave_tp_2_tokens_equal_to_tp_1(ran):
     """A GPU warm-up's run of every program once (`jaxpaged.first_runs`, forced on here) over a sharded pool:
     multi-step decodes and all, the tokens after it are tp=1's."""
-    from jaxpaged import runner as runner_module
-
-    ran, real_run_once = [], runner_module.run_once
-    monkeypatch.setattr(runner_module, "RUN_ONCE_PLATFORMS", ("cpu",))
-    monkeypatch.setattr(runner_module, "run_once", lambda runner, key, program: (
-        ran.append(key), real_run_once(runner, key, program)))
     folder = os.path.join(FIXTURES, "llama2_mha_untied")
     runs = []
     for tp in (1, 2):
