@@ -9,7 +9,9 @@ same reason. Programs compiled in the background afterwards run once while the s
 The inputs are one sequence of one token in the padding slot: its K/V go to position 0 of the null page (whose
 contents no request reads: padding points there and real rows are masked by their lengths), its sampled id to the
 padding slot's entry of `slot_tokens`, its page-table entry to the padding row (the null page again), and a copy's
-destination is out of range (dropped).
+destination is out of range (dropped). Each input is of the kind a step passes (a NumPy array, or a device array
+where a step passes another program's output): a call with other kinds would leave the step's first call of the
+program to jax's slow dispatch path (~1 ms of host time on a CPU).
 """
 
 import numpy as np
@@ -41,7 +43,7 @@ def run_once(runner, key: tuple, program) -> None:
             idle_seq_ints(num_seqs, pad, decode=False), runner.no_table_updates())
     elif kind == "sample":
         num_seqs, _, penalty_width, banned_width = shape
-        hidden = np.zeros((num_seqs, runner.model.config.hidden_size), runner.model.dtype)
+        hidden = runner.as_output(np.zeros((num_seqs, runner.model.config.hidden_size), runner.model.dtype))
         floats, ints = _idle_sampling(runner, num_seqs)
         runner.slot_tokens, _ = program(params, runner.slot_tokens, hidden, floats, ints,
                                         np.full((num_seqs, penalty_width), -1, np.int32),
@@ -58,8 +60,8 @@ def run_once(runner, key: tuple, program) -> None:
         runner.kv_caches = program(runner.kv_caches, runner.copy_chunk([]))
     elif kind == "prompt":
         num_tokens = shape[0]
-        program(params, np.zeros((num_tokens, runner.model.config.hidden_size), runner.model.dtype),
-                np.zeros(num_tokens, np.int32))
+        hidden = runner.as_output(np.zeros((num_tokens, runner.model.config.hidden_size), runner.model.dtype))
+        program(params, hidden, np.zeros(num_tokens, np.int32))
     else:
         raise ValueError(f"no idle inputs for step program {key}")
 

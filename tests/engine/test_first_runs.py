@@ -3,6 +3,7 @@ nothing a request reads changes. The embedded SmolLM2-135M-Instruct (fp32, CPU, 
 transformers' greedy tokens."""
 
 import numpy as np
+from jax._src import stages
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.page_manager import NULL_PAGE
@@ -64,3 +65,16 @@ def test_an_idle_engine_runs_the_background_compiled_programs_once_each(ran):
     greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
     assert len({tuple(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy, use_tqdm=False)}) == 3
     assert_greedy_matches_hf(llm)
+
+
+def test_steps_after_the_warm_up_take_jax_fast_dispatch_path(ran, monkeypatch):
+    llm = LLM(**ENGINE_KW)
+    llm.llm_engine.warm_up()
+    slow = []  # a program's call whose arguments' kinds its first run did not have misses jax's C++ fast path
+    real_call = stages.Compiled.call
+    monkeypatch.setattr(stages.Compiled, "call", staticmethod(lambda *a, **kw: slow.append(1) or real_call(*a, **kw)))
+    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=5, seed=1, max_tokens=9, ignore_eos=True, logprobs=2)]
+    for p in params:
+        assert all(len(o.outputs[0].token_ids) == 9 for o in llm.generate(PROMPTS, p, use_tqdm=False))
+    assert slow == []
