@@ -29,12 +29,13 @@ class EngineArgs:
     decode's next token share one forward pass, then the decodes run up to `num_scheduler_steps` more tokens in
     the multi-step program (vLLM v0's multi-step with chunked prefill), so an arriving request no longer cuts the
     running ones to one token per step; its first token waits for those. It helps requests that arrive over time
-    and costs a burst queued at once: on one H100 (benchmarks/RESULTS.md, 2026-12-07) the server's TPOT at 80 % load
-    fell from 2.94 to 2.20 ms and its maximum throughput rose 1.22x, while offline `generate` over 256 prompts
-    queued together took 1.18x as long (the requests prefilled first finish first, leaving a long tail of small
-    decode batches). So it is off here and on by default in `jaxpaged serve` (`--no-multi-step-with-prefill`).
-    Since then, steps stay single while a burst's prefills exceed one step's token budget (`Scheduler`), which
-    should remove that cost; not yet measured on a GPU.
+    and, unchecked, costs a burst queued at once: on one H100 (benchmarks/RESULTS.md, 2026-12-07) the server's
+    TPOT at 80 % load fell from 2.94 to 2.20 ms and its maximum throughput rose 1.22x, while offline `generate`
+    over 256 prompts queued together took 1.18x as long (the requests prefilled first finish first, leaving a long
+    tail of small decode batches). So steps stay single while a burst's prefills exceed one step's token budget
+    (`Scheduler`): offline runs then ran at 0.993x (256 x 512 / 128) and 1.003x (ragged) the speed without the
+    flag: neither cost nor gain. It is off here, as before, and on by default in `jaxpaged serve`
+    (`--no-multi-step-with-prefill`).
     `coordinator_address` / `num_processes` / `process_id` join a `jax.distributed` group of several processes
     (hosts), whose devices the model then spans (`jaxpaged.distributed`); None reads JAX's environment variables.
     """
