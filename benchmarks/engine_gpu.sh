@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Engine benchmarks on the GPU machine, one named step after another, each under its own timeout; every result
-# is one JSON line, printed and appended to $OUT/results.jsonl the moment it is measured.
+# is one JSON line, printed and appended to $OUT/results.jsonl the moment it is measured; every step's stderr goes
+# to $OUT/steps.err, after a line naming the step (one file for all: the device tool returns only a few files).
 #   bash benchmarks/engine_gpu.sh parity 1b 1b-sync 1b-k8 hf-compiled ragged ragged-k8 hf-ragged profile profile-k8 \
 #     profile-prefill 8b 1b-k8-roof 1b-k8-warm serve-1b-k8
 # (-kN: --num-scheduler-steps N; 1b-kN-roof: with the roofline measured first; 1b-kN-unfused: 1b-kN without the
@@ -33,10 +34,10 @@ SHAPE="--max-num-seqs 256 --max-num-batched-tokens 8192"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
-  echo "=== $name ($(date -u +%H:%M:%S))"
-  timeout "$limit" "$@" 2>"$OUT/$name.err" | tee -a "$OUT/results.jsonl"
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$OUT/steps.err"
+  timeout "$limit" "$@" 2>>"$OUT/steps.err" | tee -a "$OUT/results.jsonl"
   echo "=== $name rc=${PIPESTATUS[0]} ($(date -u +%H:%M:%S))"
-  tail -3 "$OUT/$name.err"
+  tail -3 "$OUT/steps.err"
 }
 
 for s in "$@"; do
