@@ -21,7 +21,15 @@ def _state(runner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pool, np.asarray(runner.page_tables), np.asarray(runner.slot_tokens)
 
 
-def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(ran):
+def _slow_calls(monkeypatch) -> list[int]:
+    """Grows by one per call of a compiled program that takes jax's slow dispatch path (its C++ fast path has no
+    entry for the kinds of its arguments yet: a device or NumPy array, sharding, committed)."""
+    slow, real_call = [], stages.Compiled.call
+    monkeypatch.setattr(stages.Compiled, "call", staticmethod(lambda *a, **kw: slow.append(1) or real_call(*a, **kw)))
+    return slow
+
+
+def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(ran, monkeypatch):
     llm = LLM(**ENGINE_KW)
     runner = llm.llm_engine.runner
     greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
@@ -42,6 +50,11 @@ def test_warm_up_runs_each_program_once_and_changes_nothing_a_request_reads(ran)
     np.testing.assert_array_equal(slot_tokens_after[:pad], slot_tokens[:pad])
     # the same prompts again read their cached pages (prefix caching), then decode
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)] == first
+    # programs no step had called yet (sampler variants): their first call from a step takes jax's fast path
+    slow = _slow_calls(monkeypatch)
+    sampled = SamplingParams(temperature=0.8, top_k=5, seed=1, max_tokens=9, ignore_eos=True, logprobs=2)
+    assert all(len(o.outputs[0].token_ids) == 9 for o in llm.generate(PROMPTS, sampled, use_tqdm=False))
+    assert slow == []
     assert_greedy_matches_hf(llm)
 
 
@@ -65,16 +78,3 @@ def test_an_idle_engine_runs_the_background_compiled_programs_once_each(ran):
     greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
     assert len({tuple(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy, use_tqdm=False)}) == 3
     assert_greedy_matches_hf(llm)
-
-
-def test_steps_after_the_warm_up_take_jax_fast_dispatch_path(ran, monkeypatch):
-    llm = LLM(**ENGINE_KW)
-    llm.llm_engine.warm_up()
-    slow = []  # a program's call whose arguments' kinds its first run did not have misses jax's C++ fast path
-    real_call = stages.Compiled.call
-    monkeypatch.setattr(stages.Compiled, "call", staticmethod(lambda *a, **kw: slow.append(1) or real_call(*a, **kw)))
-    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
-              SamplingParams(temperature=0.8, top_k=5, seed=1, max_tokens=9, ignore_eos=True, logprobs=2)]
-    for p in params:
-        assert all(len(o.outputs[0].token_ids) == 9 for o in llm.generate(PROMPTS, p, use_tqdm=False))
-    assert slow == []
