@@ -43,7 +43,7 @@ def run_once(runner, key: tuple, program) -> None:
             idle_seq_ints(num_seqs, pad, decode=False), runner.no_table_updates())
     elif kind == "sample":
         num_seqs, _, penalty_width, banned_width = shape
-        hidden = runner.as_output(np.zeros((num_seqs, runner.model.config.hidden_size), runner.model.dtype))
+        hidden = runner.zeros_as_output((num_seqs, runner.model.config.hidden_size), runner.model.dtype)
         floats, ints = _idle_sampling(runner, num_seqs)
         runner.slot_tokens, _ = program(params, runner.slot_tokens, hidden, floats, ints,
                                         np.full((num_seqs, penalty_width), -1, np.int32),
@@ -60,7 +60,7 @@ def run_once(runner, key: tuple, program) -> None:
         runner.kv_caches = program(runner.kv_caches, runner.copy_chunk([]))
     elif kind == "prompt":
         num_tokens = shape[0]
-        hidden = runner.as_output(np.zeros((num_tokens, runner.model.config.hidden_size), runner.model.dtype))
+        hidden = runner.zeros_as_output((num_tokens, runner.model.config.hidden_size), runner.model.dtype)
         program(params, hidden, np.zeros(num_tokens, np.int32))
     else:
         raise ValueError(f"no idle inputs for step program {key}")

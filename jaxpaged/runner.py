@@ -135,11 +135,12 @@ class ModelRunner:
         shardings = tuple(self._pool_sharding if o == "p" else self._replicated for o in outs)
         return jax.jit(fn, donate_argnums=donate, out_shardings=shardings if len(shardings) > 1 else shardings[0])
 
-    def as_output(self, x: np.ndarray) -> jax.Array:
-        """`x` on the device as a program's output reaches the next program: replicated over the mesh (committed),
-        or on one device, uncommitted as unsharded programs' outputs are. A call with an input placed otherwise
-        than in its program's steps misses jax's fast dispatch path once (0.5-0.8 ms on a CPU)."""
-        return jax.device_put(x) if self._replicated is None else jax.device_put(x, self._replicated)
+    def zeros_as_output(self, shape: tuple[int, ...], dtype) -> jax.Array:
+        """Zeros placed as a program's output reaches the next program: replicated over the mesh (committed; as the
+        pool, also across processes), or on one device, uncommitted as unsharded programs' outputs are. A call with
+        an input placed otherwise than in its program's steps misses jax's fast dispatch path once (0.5-0.8 ms on
+        a CPU)."""
+        return jnp.zeros(shape, dtype, device=self._replicated)
 
     def _spec(self, shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
         """An input of a program being lowered (replicated over the mesh, if any)."""
