@@ -306,8 +306,7 @@ class ModelRunner:
         records its CUDA graphs), so that no step of a workload pays for it."""
         start = time.perf_counter()
         for key in sorted(self.executables, key=repr):  # one order in every process of a group (collectives)
-            run_once(self, key, self.executables[key])
-            self._ran.add(key)
+            self._run_first(key)
         jax.block_until_ready((self.kv_caches, self.page_tables, self.slot_tokens))
         logger.info("Ran each of %d step programs once in %.1f s.", len(self.executables),
                     time.perf_counter() - start)
@@ -322,10 +321,14 @@ class ModelRunner:
             return None
         key = next((k for k in list(self.executables) if k not in self._ran), None)  # list(): compile threads add
         if key is not None:
-            run_once(self, key, self.executables[key])
-            self._ran.add(key)
+            self._run_first(key)
             return 0.0
         return 0.5 if self._background is not None and not self._background.done else None
+
+    def _run_first(self, key: tuple) -> None:
+        """The first run of compiled program `key`, outside any step (`first_runs.run_once`), recorded in `_ran`."""
+        run_once(self, key, self.executables[key])
+        self._ran.add(key)
 
     def wait_for_background(self) -> None:
         """Blocks until the programs `warm_up(background=True)` left to background threads are compiled."""

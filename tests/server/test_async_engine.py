@@ -1,6 +1,7 @@
 """AsyncLLMEngine on its own, over FakeEngine: outputs in order, aborts, isolated failures, shutdown."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -81,8 +82,6 @@ def test_shutdown_fails_requests_still_running():
 
 
 def test_idle_work_runs_until_done_between_requests_and_never_beside_one():
-    import threading
-
     class Idle(FakeEngine):
         """Three pieces of idle work (waits 0, 0.01, 0), then none; records whether a request was unfinished."""
 
