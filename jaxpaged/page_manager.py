@@ -144,8 +144,7 @@ class PageManager:
                 num_needed = -(-total // size) - len(pages)
                 if num_needed > len(self.free):
                     return False
-                for _ in range(num_needed):
-                    pages.append(self._take_free_page())
+                pages += self._take_free_pages(num_needed)
                 if req.num_computed_tokens < len(req.prompt_token_ids):  # a prompt chunk: its full pages now
                     self._cache_full_pages(req, pages, total // size)
                 return True
@@ -166,26 +165,25 @@ class PageManager:
             self.ref_counts[page] += 1
         self._num_refs += len(cached_pages)
         pages.extend(cached_pages)
-        for _ in range(max(num_needed, 0)):
-            pages.append(self._take_free_page())
+        pages += self._take_free_pages(max(num_needed, 0))
         self._cache_full_pages(req, pages, total // self.page_size)
         return True
 
     def extend(self, page_lists: list[list[int]], counts) -> bool:
         """Appends `counts[i]` free pages to `page_lists[i]` (running requests' own page lists, whose next writes go
         into pages they alone hold), in order; False, changing nothing, when the free list cannot cover them all."""
-        if int(counts.sum()) > len(self.free):
+        total = int(counts.sum())
+        if total > len(self.free):
             return False
-        take = self._take_free_page
+        taken, at = self._take_free_pages(total), 0
         rows = np.flatnonzero(counts)
         for i, n in zip(rows.tolist(), counts[rows].tolist()):
-            pages = page_lists[i]
-            for _ in range(n):
-                pages.append(take())
+            page_lists[i] += taken[at:at + n]
+            at += n
         return True
 
     def _copy_on_write(self, request_id: str, pages: list[int], index: int) -> None:
-        src, dst = pages[index], self._take_free_page()
+        src, (dst,) = pages[index], self._take_free_pages(1)
         self.ref_counts[src] -= 1
         self._num_refs -= 1
         pages[index] = dst
@@ -212,16 +210,20 @@ class PageManager:
         self.page_hash = [None] * self.num_pages
         self._num_hashed = dict.fromkeys(self._num_hashed, 0)
 
-    def _take_free_page(self) -> int:
-        page, _ = self.free.popitem(last=False)
-        page_hash = self.page_hash[page]
-        if page_hash is not None:  # lazy eviction
-            if self.cached.get(page_hash) == page:
-                del self.cached[page_hash]
-            self.page_hash[page] = None
-        self.ref_counts[page] = 1
-        self._num_refs += 1
-        return page
+    def _take_free_pages(self, n: int) -> list[int]:
+        """The first `n` pages of the free list (the least recently freed), each now held once; a page still in
+        the prefix cache leaves it (lazy eviction)."""
+        free, page_hashes, refs = self.free, self.page_hash, self.ref_counts
+        pages = [free.popitem(last=False)[0] for _ in range(n)]
+        for page in pages:
+            page_hash = page_hashes[page]
+            if page_hash is not None:
+                if self.cached.get(page_hash) == page:
+                    del self.cached[page_hash]
+                page_hashes[page] = None
+            refs[page] = 1
+        self._num_refs += n
+        return pages
 
     def _cache_full_pages(self, req: Request, pages: list[int], num_full: int) -> None:
         """Enters the request's first `num_full` pages in the prefix cache, those not entered yet whose tokens are
@@ -249,10 +251,10 @@ class PageManager:
         want = min(num_pages, req.num_known_tokens // size)
         if want <= have:
             return
-        tokens = req.token_ids(have * size, want * size)
+        tokens = iter(req.token_ids(have * size, want * size))
         parent = hashes[-1] if have else None
-        for at in range(0, len(tokens), size):
-            parent = hash((parent, tuple(tokens[at:at + size])))
+        for page_tokens in zip(*[tokens] * size):  # the pages' token tuples, made in C
+            parent = hash((parent, page_tokens))
             hashes.append(parent)
 
     def check_invariants(self) -> None:
