@@ -37,7 +37,7 @@ from jaxpaged.models import LoadedModel
 from jaxpaged.models.sharding import pool_sharding, replicated
 from jaxpaged.prompt_logprobs import PromptChunk, prompt_chunks, prompt_targets
 from jaxpaged.request import Request
-from jaxpaged.sampler import SamplerFlags, SamplerOutput, without_logprobs
+from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
 from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
@@ -80,7 +80,7 @@ class StepHandle:
     @staticmethod
     def _host(out: SamplerOutput) -> SamplerOutput:
         """`out` on the host; a step without logprobs returned its ids alone."""
-        return jax.device_get(out) if out.logprobs is not None else without_logprobs(np.asarray(out.token_ids))
+        return jax.device_get(out) if out.logprobs is not None else SamplerOutput(np.asarray(out.token_ids))
 
     def prompt_result(self) -> SamplerOutput | None:
         """The prompt logprobs as NumPy arrays (None when no row asked for them)."""

@@ -12,7 +12,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 MAX_LOGPROBS = 20  # top-k logprobs always computed; vLLM's default max_logprobs is 20
 _EPS = 1e-5
@@ -56,14 +55,14 @@ class SamplerFlags:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerOutput:
-    """Sampled ids and their logprobs. A device program without flags.logprobs returns the ids alone (the other
-    fields None: no output buffers for them); `without_logprobs` fills them on the host."""
+    """Sampled ids and their logprobs. A program without flags.logprobs returns the ids alone (the other fields
+    None: no output buffers for them), and so does its host copy: only steps with logprobs read them."""
 
     token_ids: jax.Array                   # [S] int32
     logprobs: jax.Array | None = None      # [S] f32  raw logprob of the sampled token
     ranks: jax.Array | None = None         # [S] int32  1 = most likely under the raw distribution
-    top_ids: jax.Array | None = None       # [S, MAX_LOGPROBS] int32 ([S, 0] from `without_logprobs`)
-    top_logprobs: jax.Array | None = None  # [S, MAX_LOGPROBS] f32 ([S, 0] from `without_logprobs`)
+    top_ids: jax.Array | None = None       # [S, MAX_LOGPROBS] int32
+    top_logprobs: jax.Array | None = None  # [S, MAX_LOGPROBS] f32
 
 
 def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
@@ -84,11 +83,6 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> Sample
     return token_logprobs(raw, token_ids) if flags.logprobs else SamplerOutput(token_ids)
 
 
-def without_logprobs(token_ids: np.ndarray) -> SamplerOutput:
-    """The host output of sampled `token_ids` [..., S] from a step without logprobs: the logprob fields zeros."""
-    shape = token_ids.shape
-    return SamplerOutput(token_ids, np.zeros(shape, np.float32), np.zeros(shape, np.int32),
-                         np.zeros((*shape, 0), np.int32), np.zeros((*shape, 0), np.float32))
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:

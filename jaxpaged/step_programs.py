@@ -137,5 +137,7 @@ def update_tables(page_tables, updates):
 
 
 def split_steps(out: SamplerOutput) -> list[SamplerOutput]:
-    """Host arrays of a multi-step decode's stacked outputs [K, S, ...] -> one SamplerOutput per sub-step."""
-    return [jax.tree.map(lambda x, j=j: x[j], out) for j in range(out.token_ids.shape[0])]
+    """Host arrays of a multi-step decode's stacked outputs [K, S, ...] -> one SamplerOutput per sub-step (fields
+    that are None stay None). Indexed field by field: a `jax.tree.map` per sub-step cost 5x as much."""
+    fields = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    return [SamplerOutput(*(None if x is None else x[j] for x in fields)) for j in range(out.token_ids.shape[0])]
