@@ -41,7 +41,7 @@ class CheckedPrompt:
     without doing either again (`LLM.generate` checks every prompt before it queues any)."""
 
     text: str | None
-    token_ids: list[int]
+    token_ids: list[int] | array.array  # a C array of int64 for prompts given as ids: a list once queued
 
 
 PromptType = str | list[int] | dict | CheckedPrompt
@@ -59,13 +59,19 @@ def _collect_in_flight(engine_ref: weakref.ref) -> None:
             pass
 
 
-def _token_list(token_ids) -> list[int]:
-    """Prompt token ids as a list of Python ints (ValueError for anything that is not an integer); through a C
-    array, at a third of the cost of converting them one by one."""
+def _token_array(token_ids) -> array.array:
+    """Prompt token ids as a C array of int64 (ValueError for anything that is not an integer). `LLM.generate`
+    checks every prompt before its first step and makes each a list of Python ints only when it queues it, most of
+    them while the device runs that step: the array is a quarter of the cost of the list (7 against 27 us for
+    512 ids on a 2-core CPU) and takes the vocabulary check as one NumPy pass."""
     try:
-        return array.array("q", token_ids).tolist()
+        return array.array("q", token_ids)
     except (TypeError, OverflowError) as e:
         raise ValueError(f"prompt token ids must be integers: {e}") from None
+
+
+def _as_list(token_ids: list[int] | array.array) -> list[int]:
+    return token_ids.tolist() if isinstance(token_ids, array.array) else token_ids
 
 
 def _enable_compilation_cache(path: str | None) -> str:
@@ -188,11 +194,12 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text, token ids, {"prompt": ...} or {"prompt_token_ids": ...}."""
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int] | array.array]:
+        """(text, token ids) of a prompt given as text, token ids, {"prompt": ...} or {"prompt_token_ids": ...}; ids
+        given as such come as a C array of int64 (`_token_array`)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_array(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
                 raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
@@ -201,8 +208,8 @@ class LLMEngine:
                 raise ValueError(f"{self.model_name} has no tokenizer: give prompts as token ids "
                                  "({'prompt_token_ids': [...]}) or pass tokenizer=...")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            return None, _token_list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_array(prompt)
         raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def check_prompt(self, prompt: PromptType) -> CheckedPrompt:
@@ -213,15 +220,18 @@ class LLMEngine:
         self.validate_prompt(token_ids)
         return CheckedPrompt(text, token_ids)
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_token_ids: list[int] | array.array) -> None:
         """Raises ValueError for an empty prompt, token ids outside the vocabulary or a too-long prompt."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("The prompt is empty; give at least one token.")
         vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary (valid ids are 0..{vocab - 1}).")
+        if not isinstance(prompt_token_ids, array.array):
+            prompt_token_ids = _token_array(prompt_token_ids)
+        ids = np.frombuffer(prompt_token_ids, np.int64)  # [n]
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"Token id {bad} is out of vocabulary (valid ids are 0..{vocab - 1}).")
         if n >= self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has {n} "
@@ -273,7 +283,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_num_seqs(num_seqs, name)
         checked = self.check_prompt(prompt)
-        return checked.text, checked.token_ids
+        return checked.text, _as_list(checked.token_ids)
 
     def check_num_seqs(self, num_seqs: int, name: str) -> None:
         """ValueError when one request would run more sequences at once (`name`: "n" or "beam_width") than

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxpaged import LLM, SamplingParams
@@ -181,6 +182,22 @@ def test_invalid_arguments_raise_value_errors_naming_them(llm):
     m = metrics(llm)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
+
+def test_prompt_ids_are_checked_as_a_c_array_and_queued_as_python_ints(llm):
+    engine = llm.llm_engine
+    checked = engine.check_prompt({"prompt_token_ids": np.array([5, 7, 9])})
+    assert list(checked.token_ids) == [5, 7, 9]
+    engine.add_request("ids", checked, SamplingParams(max_tokens=1))
+    try:
+        req = engine.groups["ids"].children[0]
+        assert req.prompt_token_ids == [5, 7, 9] and {type(t) for t in req.prompt_token_ids} == {int}
+    finally:
+        engine.abort_request(["ids"])
+    with pytest.raises(ValueError, match=r"Token id -1 is out of vocabulary \(valid ids are 0\.\.49151\)"):
+        engine.check_prompt([3, -1, 10**6])
+    with pytest.raises(ValueError, match="prompt token ids must be integers"):
+        engine.check_prompt([3, "4"])
+    assert not engine.has_unfinished_requests()
 
 def test_requests_past_the_first_steps_budget_are_queued_while_it_runs(llm):
     """64-token budget, 8 sequences: of 10 prompts of 20 tokens, the first 4 (80 tokens) are queued before the
