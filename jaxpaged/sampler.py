@@ -83,8 +83,6 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplerFlags) -> Sample
     return token_logprobs(raw, token_ids) if flags.logprobs else SamplerOutput(token_ids)
 
 
-
-
 def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
     """Log-probabilities of `token_ids` [N] under `logits` [N, V] (float32), their ranks and the top
     MAX_LOGPROBS tokens of each row."""
