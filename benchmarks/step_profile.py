@@ -15,8 +15,9 @@ host work per step is reported from both. The device busy fraction is the union 
 traced window (trace_busy.py); on a CPU there is no device stream and it is null (`cpu_xla_busy_fraction` then
 estimates XLA's CPU work). --host-profile-steps N runs N more steps under cProfile afterwards and reports the
 functions with the most self time per step. --timeline instead runs the whole queued workload untraced (no
-warm-up steps) and reports each step: what it launched (tokens, rows, sub-steps), its ms and the ms it waited for
-the device; with sums per kind of step, to show where an offline run's wall time goes. Prints one JSON line (also
+warm-up steps) through `LLM.generate`, as throughput.py times it, and reports each step: what it launched (tokens,
+rows, sub-steps), its ms and the ms it waited for the device; with sums per kind of step and the host time before
+the first step and after the last, to show where an offline run's wall time goes. Prints one JSON line (also
 appended to $OUT/step_profile.jsonl when $OUT is set).
 """
 
@@ -109,22 +110,30 @@ def timed_steps(engine, num_steps: int, launched: list | None = None,
     seconds, the seconds of each step spent waiting for the device, and the window's. `launched`, if given,
     collects the SchedulerOutput each step launched (None for a step that launched nothing); `mark` writes
     STEP_MARKER to stderr before each step."""
-    import jax
-
     times, waits = [], []
     start = time.perf_counter()
     while len(times) < num_steps and engine.has_unfinished_requests():
         if mark:
             print(STEP_MARKER, file=sys.stderr, flush=True)
-        step_waits = []
-        with jax.profiler.TraceAnnotation("jaxpaged_step"), timed_waits(step_waits):
-            t = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t)
-        waits.append(sum(step_waits))
-        if launched is not None:
-            launched.append(engine._in_flight.sched if engine._in_flight is not None else None)
+        _timed_step(engine, engine.step, times, waits, launched)
     return times, waits, time.perf_counter() - start
+
+
+def _timed_step(engine, step, times: list[float], waits: list[float], launched: list | None):
+    """Runs `step` (the engine's) inside a "jaxpaged_step" trace annotation; appends its seconds to `times`, the
+    seconds it waited for the device to `waits` and, if given, what it launched to `launched`; returns its
+    outputs."""
+    import jax
+
+    step_waits = []
+    with jax.profiler.TraceAnnotation("jaxpaged_step"), timed_waits(step_waits):
+        t = time.perf_counter()
+        outputs = step()
+        times.append(time.perf_counter() - t)
+    waits.append(sum(step_waits))
+    if launched is not None:
+        launched.append(engine._in_flight.sched if engine._in_flight is not None else None)
+    return outputs
 
 
 def profiled_steps(engine, num_steps: int, trace_dir: str,
@@ -156,12 +165,27 @@ def host_profile(engine, num_steps: int, top: int = 25) -> dict:
             for (path, line, name), (_, nc, tt, ct, _) in rows}
 
 
-def timeline(engine, add_seconds: float) -> dict:
-    """Steps until every queued request is done, untraced: per step [tokens, rows, sub-steps, ms, wait ms] of the
-    step it launched (with async scheduling a step waits for the one before), and sums per kind ("prefill": a
-    step with prompt tokens; "decode": one token per row; "multi": a multi-step decode)."""
-    launched = []
-    times, waits, wall = timed_steps(engine, sys.maxsize, launched)
+def timeline(llm, prompts: list, params: list) -> dict:
+    """`llm.generate(prompts, params)` untraced, step by step: per step [tokens, rows, sub-steps, ms, wait ms] of
+    the step it launched (with async scheduling a step waits for the one before), sums per kind ("prefill": a
+    step with prompt tokens; "decode": one token per row; "multi": a multi-step decode), and the host time around
+    the steps: `queue_s` from the call to its first step (validating the prompts, queueing the first step's
+    requests), `tail_s` from the end of its last step to its return."""
+    engine = llm.llm_engine
+    times, waits, launched, starts = [], [], [], []
+    step = engine.step
+
+    def timed():
+        starts.append(time.perf_counter())
+        return _timed_step(engine, step, times, waits, launched)
+
+    engine.step = timed  # the instance's, while generate runs
+    try:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        end = time.perf_counter()
+    finally:
+        del engine.step
     rows, kinds = [], {}
     for seconds, wait, sched in zip(times, waits, launched):
         ms, wait_ms = 1000 * seconds, 1000 * wait
@@ -173,8 +197,9 @@ def timeline(engine, add_seconds: float) -> dict:
         total["ms"] += ms
         total["wait_ms"] += wait_ms
         rows.append([tokens, seqs, sub_steps, round(ms, 2), round(wait_ms, 2)])
-    return {"part": "timeline", "add_requests_s": add_seconds, "steps_wall_s": wall, "steps": len(rows),
-            "host_work_s": sum(r[3] - r[4] for r in rows) / 1000, "wait_s": sum(r[4] for r in rows) / 1000,
+    return {"part": "timeline", "generate_s": end - start, "queue_s": starts[0] - start,
+            "steps_s": sum(times), "tail_s": end - starts[-1] - times[-1], "steps": len(rows),
+            "host_work_s": sum(times) - sum(waits), "wait_s": sum(waits),
             "by_kind": kinds, "step_rows": rows}
 
 
@@ -206,13 +231,12 @@ def main() -> None:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm the host path
     engine = llm.llm_engine
-    start = time.perf_counter()
+    if args.timeline:
+        emit({**timeline(llm, prompts, params), "args": vars(args)}, "step_profile")
+        return
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         p.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: one output per request, at its end
         engine.add_request(f"profile-{i}", prompt, p)
-    if args.timeline:
-        emit({**timeline(engine, time.perf_counter() - start), "args": vars(args)}, "step_profile")
-        return
     for _ in range(args.warmup_steps):
         engine.step()
     dispatches: dict[str, list[float]] = {}

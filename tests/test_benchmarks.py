@@ -320,28 +320,37 @@ def test_host_loop_reports_the_schedule_with_and_without_multi_steps_over_prefil
         "single_steps": 2, "multi_steps": 6, "multi_steps_with_prefill": 1, "multi_step_rows": 7 * 4 * 8}
 
 
-class _TimelineEngine:
-    """Launches a prefill step, a one-token decode of 2 rows, a 4-token multi-step, then nothing (the last step
-    only collects)."""
+class _TimelineLLM:
+    """`generate` steps an engine that launches a prefill step, a one-token decode of 2 rows, a 4-token multi-step,
+    then nothing (the last step only collects)."""
 
     def __init__(self):
         from types import SimpleNamespace as NS
         self.launches = [NS(num_tokens=40, requests=[1, 2], num_steps=1), NS(num_tokens=2, requests=[1, 2],
                          num_steps=1), NS(num_tokens=2, requests=[1, 2], num_steps=4), None]
+        self.llm_engine = self
         self._in_flight = None
-
-    def has_unfinished_requests(self):
-        return bool(self.launches)
+        self.generated = None
 
     def step(self):
         sched = self.launches.pop(0)
         self._in_flight = None if sched is None else type("Handle", (), {"sched": sched})()
+        return []
+
+    def generate(self, prompts, params, use_tqdm):
+        self.generated = (prompts, params, use_tqdm)
+        while self.launches:
+            self.llm_engine.step()
 
 
-def test_timeline_records_each_launch_and_sums_by_kind():
-    record = step_profile.timeline(_TimelineEngine(), add_seconds=0.5)
+def test_timeline_times_generate_step_by_step_and_sums_by_kind():
+    llm = _TimelineLLM()
+    record = step_profile.timeline(llm, ["p"], ["sp"])
+    assert llm.generated == (["p"], ["sp"], False) and "step" not in vars(llm)  # the engine's own step again
     assert [r[:3] for r in record["step_rows"]] == [[40, 2, 1], [2, 2, 1], [2, 2, 4], [0, 0, 0]]
     assert {k: v["steps"] for k, v in record["by_kind"].items()} == {"prefill": 1, "decode": 1, "multi": 1,
                                                                      "none": 1}
-    assert record["steps"] == 4 and record["wait_s"] == 0 and record["add_requests_s"] == 0.5
-    assert record["steps_wall_s"] >= record["host_work_s"] >= 0
+    assert record["steps"] == 4 and record["wait_s"] == 0
+    assert record["generate_s"] >= record["steps_s"] >= record["host_work_s"] >= 0
+    assert record["queue_s"] >= 0 and record["tail_s"] >= 0
+    assert record["queue_s"] + record["steps_s"] + record["tail_s"] <= record["generate_s"]
