@@ -40,8 +40,8 @@ from jaxpaged.request import Request
 from jaxpaged.sampler import SamplerFlags, SamplerOutput
 from jaxpaged.sampling_batch import SamplingBatch, pad_rows
 from jaxpaged.scheduler_output import SchedulerOutput
-from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, copy_pages, decode_steps, forward_step,
-                                    prompt_logprobs_step, sample_step, split_steps, update_tables)
+from jaxpaged.step_programs import (BANNED_MIN, PROMPT_CHUNK, compiler_options, copy_pages, decode_steps,
+                                    forward_step, prompt_logprobs_step, sample_step, split_steps, update_tables)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ class ModelRunner:
             start = time.perf_counter()
             lowered = lower(*shape)
             lowered_at = time.perf_counter()
-            program = self.compile_memory.compile(lowered.compile, self._autotune_bytes(key), f"step program {key}")
+            compile_fn = functools.partial(lowered.compile, compiler_options=compiler_options(jax.default_backend()))
+            program = self.compile_memory.compile(compile_fn, self._autotune_bytes(key), f"step program {key}")
             logger.debug("Step program %s: traced and lowered in %.2f s, compiled in %.2f s", key,
                          lowered_at - start, time.perf_counter() - lowered_at)
             return program
