@@ -31,10 +31,11 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generates completions for one or many prompts; returns RequestOutputs in input order.
 
-        Every prompt is validated before any is queued: a bad one raises ValueError naming its index and leaves
-        the engine untouched. The requests that can fill the first step are queued before it, the rest while
-        the device runs it: the first step admits in order up to that budget either way (unless prefix-cache hits
-        leave it room for more, which then join a step later).
+        Each prompt is tokenized and validated as it is queued: those that can fill the first step before it, the
+        rest while the device runs it (the first step admits in order up to that budget either way, unless
+        prefix-cache hits leave it room for more, which then join a step later). A bad prompt raises ValueError
+        naming its index, after the requests queued before it are aborted and any step already running for them
+        is collected, so the engine is left with none of them (as vLLM's `LLM`, which aborts what it added).
         """
         prompts = self._prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -45,16 +46,22 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts; "
                                  "give one SamplingParams or one per prompt.")
         engine = self.llm_engine
-        tokenized = self._tokenize_all(prompts)
         for p in {id(p): p for p in params}.values():
             engine.check_num_seqs(p.n, "n")
-        ids = self._new_ids(len(tokenized))
+        ids = self._new_ids(len(prompts))
 
         def queue(i: int) -> int:
+            try:
+                checked = engine.check_prompt(prompts[i])
+            except Exception as e:
+                self._discard(ids[:i])
+                if isinstance(e, ValueError):
+                    raise ValueError(f"prompt {i}: {e}") from None
+                raise
             p = params[i].clone()
             p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM: one output per request, built once
-            engine.add_request(ids[i], tokenized[i], p)
-            return len(tokenized[i].token_ids)
+            engine.add_request(ids[i], checked, p)
+            return len(checked.token_ids)
 
         return self._run(ids, use_tqdm, queue)
 
@@ -106,6 +113,13 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         return tokenized
+
+    def _discard(self, ids: list[str]) -> None:
+        """Aborts requests `ids` and runs the engine until nothing is left in it (the step in flight collected)."""
+        engine = self.llm_engine
+        engine.abort_request(ids)
+        while engine.has_unfinished_requests():
+            engine.step()
 
     def get_metrics(self):
         """vLLM-named metrics (objects with .name and .value)."""

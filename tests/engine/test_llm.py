@@ -224,6 +224,35 @@ def test_requests_past_the_first_steps_budget_are_queued_while_it_runs(llm):
     assert not engine.has_unfinished_requests()
 
 
+def test_a_bad_prompt_past_the_first_step_aborts_the_queued_requests_and_the_engine_runs_on(llm):
+    """Prompt 7 of 10 is out of vocabulary: 4 prompts of 20 tokens were queued before the first step (64-token
+    budget) and 3 more while it ran. The call raises naming prompt 7 once that step is collected; the 7 requests
+    are gone with their pages, and the next call's greedy outputs are those of each prompt alone."""
+    engine = llm.llm_engine
+    in_flight, step = [], engine.step
+
+    def recording_step():
+        outputs = step()
+        in_flight.append(engine._in_flight is not None)
+        return outputs
+
+    prompts = [{"prompt_token_ids": list(range(3000 + 20 * i, 3020 + 20 * i))} for i in range(10)]
+    prompts[7] = {"prompt_token_ids": [5, 10**7]}
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.step = recording_step
+    try:
+        with pytest.raises(ValueError, match=r"prompt 7: Token id 10000000 is out of vocabulary"):
+            llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del engine.step
+    assert in_flight[0] and not in_flight[-1]  # the first step launched; the last one left nothing running
+    assert not engine.has_unfinished_requests() and not engine.groups
+    m = metrics(llm)
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+    outs = llm.generate(prompts[:3], params, use_tqdm=False)
+    alone = [llm.generate(p, params, use_tqdm=False)[0] for p in prompts[:3]]
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
+
 def test_max_model_len_that_cannot_fit_the_pool_is_rejected():
     with pytest.raises(ValueError, match="max_model_len=512 needs 32 KV pages"):
         LLM(**{**ENGINE_KW, "num_gpu_blocks_override": 10})
