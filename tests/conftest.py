@@ -1,5 +1,7 @@
-"""Shared fixtures: one model cache per session, the embedded model's tokenizer (loaded once per session)."""
+"""Shared fixtures: one model cache per session, the embedded model's tokenizer (loaded once per session), the
+garbage collector's frozen objects handed back after each test."""
 
+import gc
 import importlib.util
 import os
 import shutil
@@ -37,3 +39,11 @@ def session_model_cache(tmp_path_factory):
         mp.setenv("JAXPAGED_MODEL_CACHE", str(root))
         yield str(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def unfreeze_after_test():
+    """`LLMEngine.warm_up` freezes the objects alive (`gc.freeze`), as a server process should; this one process
+    runs many engines, so after each test the frozen ones go back to the collector and can be freed."""
+    yield
+    gc.unfreeze()

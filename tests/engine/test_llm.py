@@ -1,8 +1,10 @@
 """End-to-end `LLM` on the embedded SmolLM2-135M-Instruct (fp32, CPU): outputs, parameters, errors, metrics."""
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -288,6 +290,23 @@ def test_no_compilation_after_warm_up_in_200_random_steps(llm):
     assert engine.runner.forward_fn._cache_size() == cache_size
     assert compiles == []
     assert metrics(llm)["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_warm_up_freezes_what_is_alive_and_later_garbage_is_still_collected(llm):
+    engine = llm.llm_engine
+    gc.unfreeze()
+    engine.warm_up()  # compiled above: this loads nothing
+    assert gc.get_freeze_count() > 10_000 and not any(o is engine for o in gc.get_objects())  # not scanned
+
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # a reference cycle made after the warm-up
+    ref = weakref.ref(node)
+    del node
+    gc.collect()
+    assert ref() is None
 
 
 EXIT_AFTER_STEPS = """
