@@ -1,5 +1,6 @@
 """`LLM`: vLLM's offline API (`generate`, `chat`, `get_metrics`) over an LLMEngine."""
 
+import functools
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -50,34 +51,30 @@ class LLM:
             engine.check_num_seqs(p.n, "n")
         ids = self._new_ids(len(prompts))
 
-        def queue(i: int) -> int:
-            try:
-                checked = engine.check_prompt(prompts[i])
-            except Exception as e:
-                self._discard(ids[:i])
-                if isinstance(e, ValueError):
-                    raise ValueError(f"prompt {i}: {e}") from None
-                raise
+        def add(i: int, request_id: str, checked: CheckedPrompt) -> None:
             p = params[i].clone()
             p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM: one output per request, built once
-            engine.add_request(ids[i], checked, p)
-            return len(checked.token_ids)
+            engine.add_request(request_id, checked, p)
 
-        return self._run(ids, use_tqdm, queue)
+        return self._run(ids, use_tqdm, functools.partial(self._queue, prompts, ids, add))
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search of each prompt (vLLM's `LLM.beam_search`, algorithm in `jaxpaged.beam_search`); the
         prompts run together, continuously batched with any other work. Returns one BeamSearchOutput per prompt,
-        its sequences best first (`tokens` holds prompt and output, as in vLLM)."""
+        its sequences best first (`tokens` holds prompt and output, as in vLLM). Prompts are checked as they are
+        queued, as in `generate`: a bad one, or one whose beams cannot fit the pool, raises ValueError naming its
+        index after the requests queued before it are aborted."""
         prompts = self._prompt_list(prompts)
         engine = self.llm_engine
-        tokenized = self._tokenize_all(prompts)
-        ids = self._new_ids(len(tokenized))
-        for request_id, prompt in zip(ids, tokenized):
-            engine.add_beam_request(request_id, prompt, params)
+        engine.check_num_seqs(params.beam_width, "beam_width")
+        ids = self._new_ids(len(prompts))
+
+        def add(i: int, request_id: str, checked: CheckedPrompt) -> None:
+            engine.add_beam_request(request_id, checked, params)
+
         results = []
-        for out in self._run(ids, use_tqdm):
+        for out in self._run(ids, use_tqdm, functools.partial(self._queue, prompts, ids, add)):
             results.append(BeamSearchOutput([
                 BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.logprobs, c.cumulative_logprob, c.text,
                                    c.finish_reason, c.stop_reason) for c in out.outputs]))
@@ -103,16 +100,19 @@ class LLM:
             return [prompts]
         return list(prompts)
 
-    def _tokenize_all(self, prompts: list) -> list[CheckedPrompt]:
-        """Every prompt tokenized (once) and validated before any is queued; ValueError names the bad one."""
-        engine = self.llm_engine
-        tokenized = []
-        for i, prompt in enumerate(prompts):
-            try:
-                tokenized.append(engine.check_prompt(prompt))
-            except ValueError as e:
+    def _queue(self, prompts: list, ids: list[str], add, i: int) -> int:
+        """Checks prompt `i`, queues it as request `ids[i]` with `add(i, ids[i], checked prompt)` and returns its
+        length. If either raises, the requests queued before it are aborted first (`_discard`); a ValueError then
+        names prompt `i`."""
+        try:
+            checked = self.llm_engine.check_prompt(prompts[i])
+            add(i, ids[i], checked)
+        except Exception as e:
+            self._discard(ids[:i])
+            if isinstance(e, ValueError):
                 raise ValueError(f"prompt {i}: {e}") from None
-        return tokenized
+            raise
+        return len(checked.token_ids)
 
     def _discard(self, ids: list[str]) -> None:
         """Aborts requests `ids` and runs the engine until nothing is left in it (the step in flight collected)."""
@@ -130,14 +130,14 @@ class LLM:
         self._counter += count
         return ids
 
-    def _run(self, ids: list[str], use_tqdm: bool, queue=None) -> list[RequestOutput]:
-        """Steps until the requests `ids` are done; their outputs in that order. `queue(i)`, if given, queues
-        request i and returns its prompt length: requests up to one step's token budget or sequence limit are
-        queued before the first step, the others right after it is launched."""
+    def _run(self, ids: list[str], use_tqdm: bool, queue) -> list[RequestOutput]:
+        """Steps until the requests `ids` are done; their outputs in that order. `queue(i)` queues request i and
+        returns its prompt length: requests up to one step's token budget or sequence limit are queued before the
+        first step, the others right after it is launched."""
         engine = self.llm_engine
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        queued, tokens = (0, 0) if queue else (len(ids), 0)
+        queued, tokens = 0, 0
         while queued < len(ids) and tokens < engine.scheduler.max_num_batched_tokens \
                 and queued < engine.scheduler.max_num_seqs:
             tokens += queue(queued)

@@ -98,6 +98,13 @@ def test_invalid_beam_search_arguments_raise_and_queue_nothing(llm):
     assert not tiny.llm_engine.has_unfinished_requests()
     out = tiny.beam_search({"prompt_token_ids": list(range(10))}, BeamSearchParams(beam_width=2, max_tokens=20))
     assert [len(s.tokens) for s in out[0].sequences] == [30, 30]
+    with pytest.raises(ValueError, match="prompt 1: beam_width=4 beams of up to 55 tokens may need 16 KV pages"):
+        tiny.beam_search([{"prompt_token_ids": [5]}, {"prompt_token_ids": list(range(40))}],
+                         BeamSearchParams(beam_width=4, max_tokens=15))  # prompt 0 was queued: it is aborted
+    assert not tiny.llm_engine.has_unfinished_requests() and tiny.llm_engine.page_manager.usage == 0
+    with pytest.raises(ValueError, match=r"prompt 1: Token id 1000000 is out of vocabulary"):
+        llm.beam_search(["Hi", {"prompt_token_ids": [10**6]}], BeamSearchParams(beam_width=2, max_tokens=4))
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def test_beam_scores_past_a_floats_range_saturate_in_order():
